@@ -1,0 +1,173 @@
+"""LoadBalancer: which module runs a new robot of a given kind.
+
+Candidates are the modules registered in this process (with live statistics) plus the
+modules other processes recorded in the store. Each gets a score from health, circuit
+state, success rate, latency and free capacity; the ``select_module`` hook picks one
+(the built-in picks at random weighted by score, so a slow module still sees a little
+traffic and can prove it recovered, and no single module takes a thundering herd).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+import attrs
+
+from .errors import ValidationError
+from .models import ModuleRecord
+from .modules import Module
+from .performance import PerformanceTracker
+
+__all__ = ["Candidate", "LoadBalancer", "ModuleStats", "score_module", "weighted_choice"]
+
+
+@attrs.frozen
+class Candidate:
+    name: str
+    score: float
+    load: int
+    capacity: int
+    health: str
+    circuit_state: str
+    success_rate: float
+    latency_ewma_ms: float | None
+
+
+@attrs.define
+class ModuleStats:
+    """Live statistics of a module in this process."""
+
+    success_rate: float = 1.0
+    latency_ewma_ms: float | None = None
+    load: int = 0
+    health: str = "unknown"
+    circuit_state: str = "closed"
+    alpha: float = 0.1
+
+    def record(self, ok: bool, duration_ms: float) -> None:
+        self.success_rate += self.alpha * ((1.0 if ok else 0.0) - self.success_rate)
+        if self.latency_ewma_ms is None:
+            self.latency_ewma_ms = duration_ms
+        else:
+            self.latency_ewma_ms += self.alpha * (duration_ms - self.latency_ewma_ms)
+
+
+_HEALTH_WEIGHT = {"healthy": 1.0, "unknown": 0.8, "degraded": 0.3, "unhealthy": 0.0}
+
+
+def score_module(
+    *, health: str, circuit_state: str, success_rate: float, latency_ewma_ms: float | None,
+    load: int, capacity: int,
+) -> float:
+    """A score in [0, 1]; 0 means "do not send work here"."""
+    if circuit_state == "open":
+        return 0.0
+    health_w = _HEALTH_WEIGHT.get(health, 0.5)
+    latency_w = 1.0 / (1.0 + (latency_ewma_ms or 0.0) / 100.0)
+    capacity_w = max(0.05, 1.0 - load / max(capacity, 1))
+    success_w = 0.05 + 0.95 * max(0.0, min(1.0, success_rate))
+    half_open_w = 0.2 if circuit_state == "half_open" else 1.0
+    return round(health_w * latency_w * capacity_w * success_w * half_open_w, 6)
+
+
+def weighted_choice(candidates: Sequence[Candidate], rng: random.Random | None = None) -> str:
+    """Pick a candidate with probability proportional to its score (uniform if all 0)."""
+    weights = [c.score for c in candidates]
+    if sum(weights) <= 0:
+        weights = [1.0] * len(candidates)
+    return (rng or random).choices(candidates, weights=weights, k=1)[0].name
+
+
+class LoadBalancer:
+    def __init__(
+        self,
+        local_modules: Mapping[str, Module],
+        stats: Mapping[str, ModuleStats],
+        tracker: PerformanceTracker,
+        select_hook: Callable[[str, Sequence[Candidate]], str | None],
+        refresh_seconds: float = 1.0,
+    ) -> None:
+        self.local_modules = local_modules
+        self.stats = stats
+        self.tracker = tracker
+        self.select_hook = select_hook
+        self.refresh_seconds = refresh_seconds
+        self._remote: dict[str, ModuleRecord] = {}
+        self._remote_loaded_at = float("-inf")
+        self._candidates: dict[str, tuple[float, list[Candidate]]] = {}
+
+    def set_remote_records(self, records: Sequence[ModuleRecord]) -> None:
+        """Module records from the store (other processes' modules)."""
+        self._remote = {r.name: r for r in records if r.name not in self.local_modules}
+        self._remote_loaded_at = time.monotonic()
+        self._candidates.clear()
+
+    @property
+    def remote_stale(self) -> bool:
+        return time.monotonic() - self._remote_loaded_at > self.refresh_seconds
+
+    def known_kinds(self) -> set[str]:
+        kinds = {k for m in self.local_modules.values() for k in m.kinds}
+        kinds.update(k for r in self._remote.values() for k in r.kinds)
+        return kinds
+
+    def candidates(self, kind: str) -> list[Candidate]:
+        """Every module for ``kind`` with its current score (cached for a moment)."""
+        now = time.monotonic()
+        cached = self._candidates.get(kind)
+        if cached is not None and now - cached[0] < self.refresh_seconds:
+            return cached[1]
+        found: list[Candidate] = []
+        for module in self.local_modules.values():
+            if kind not in module.kinds:
+                continue
+            st = self.stats[module.name]
+            found.append(Candidate(
+                name=module.name,
+                score=score_module(
+                    health=st.health, circuit_state=st.circuit_state,
+                    success_rate=st.success_rate, latency_ewma_ms=st.latency_ewma_ms,
+                    load=st.load, capacity=module.capacity,
+                ),
+                load=st.load, capacity=module.capacity, health=st.health,
+                circuit_state=st.circuit_state, success_rate=st.success_rate,
+                latency_ewma_ms=st.latency_ewma_ms,
+            ))
+        for record in self._remote.values():
+            if kind not in record.kinds:
+                continue
+            found.append(Candidate(
+                name=record.name, score=record.score, load=record.load,
+                capacity=record.capacity, health=record.health,
+                circuit_state=record.circuit_state, success_rate=record.success_rate,
+                latency_ewma_ms=record.latency_ewma_ms,
+            ))
+        self._candidates[kind] = (now, found)
+        return found
+
+    def select(self, kind: str) -> str:
+        """The module for a new robot of ``kind``.
+
+        Modules with an open circuit or failing health are skipped while any other is
+        available; when none is, the best of them is still chosen so the robot waits
+        queued for it to recover instead of failing.
+        """
+        with self.tracker.measure("balancer.select"):
+            candidates = self.candidates(kind)
+            if not candidates:
+                known = ", ".join(sorted(self.known_kinds())[:20]) or "none registered"
+                raise ValidationError(
+                    f"unknown kind {kind[:64]!r}; known kinds: {known}", path="$.kind"
+                )
+            available = [
+                c for c in candidates if c.circuit_state != "open" and c.health != "unhealthy"
+            ]
+            if not available:
+                return max(candidates, key=lambda c: (c.score, c.name)).name
+            if len(available) == 1:
+                return available[0].name
+            chosen = self.select_hook(kind, available)
+            names = {c.name for c in available}
+            return chosen if chosen in names else weighted_choice(available)

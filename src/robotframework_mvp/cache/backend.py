@@ -1,0 +1,70 @@
+"""The narrow protocol every cache backend implements, and the GCRA rate-limit rule.
+
+A backend stores bytes under keys with a time to live, and runs the rate limiter's
+check-and-count atomically (in one event-loop step in memory, in one Lua script in
+Redis), so the limit holds across every process that shares the backend.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import attrs
+
+__all__ = ["CacheBackend", "RateDecision", "gcra"]
+
+
+@attrs.frozen
+class RateDecision:
+    """Outcome of one rate-limit check (GCRA)."""
+
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after: float  # seconds until one more request would be allowed (0 if allowed)
+    reset_after: float  # seconds until the limit is fully replenished
+
+
+def gcra(
+    tat: float | None, now: float, count: int, period: float, cost: int = 1
+) -> tuple[RateDecision, float | None]:
+    """The Generic Cell Rate Algorithm: ``count`` requests per ``period``, bursts allowed.
+
+    ``tat`` is the stored theoretical arrival time (None when fresh). Returns the
+    decision and the new ``tat`` to store (None when the request is refused: nothing
+    changes). The Redis backend runs the same arithmetic in Lua.
+    """
+    interval = period / count
+    tat = now if tat is None or tat < now else tat
+    new_tat = tat + interval * cost
+    allow_at = new_tat - period
+    if now < allow_at:
+        return (
+            RateDecision(False, count, 0, allow_at - now, tat - now),
+            None,
+        )
+    remaining = math.floor((period - (new_tat - now)) / interval + 1e-9)
+    return RateDecision(True, count, max(0, remaining), 0.0, new_tat - now), new_tat
+
+
+@runtime_checkable
+class CacheBackend(Protocol):
+    #: URL scheme this backend serves ("memory", "redis")
+    name: str
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise if the backend cannot be reached."""
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+
+    async def delete(self, *keys: str) -> None: ...
+
+    async def rate_limit(self, key: str, count: int, period: float, cost: int = 1) -> RateDecision:
+        """Check and count one request against ``count`` per ``period`` atomically."""

@@ -1,0 +1,140 @@
+"""CacheManager: typed, namespaced access to a CacheBackend that never fails a request.
+
+Reads that fail count as misses (the caller falls through to the store), writes that
+fail are dropped and counted, and after repeated errors a circuit breaker stops calling
+a dead backend until it has had time to recover. TTLs depend on the kind of data.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+from ..config import CacheConfig
+from ..models import Robot, converter
+from ..resilience import BreakerPolicy, CircuitBreaker
+from .backend import CacheBackend, RateDecision
+
+__all__ = ["CacheManager"]
+
+log = logging.getLogger(__name__)
+
+
+class CacheManager:
+    def __init__(self, backend: CacheBackend, config: CacheConfig) -> None:
+        self.backend = backend
+        self.config = config
+        self.prefix = config.key_prefix
+        self.hits: Counter[str] = Counter()
+        self.misses: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.breaker = CircuitBreaker(
+            f"cache:{backend.name}",
+            BreakerPolicy(failure_rate_threshold=0.5, window_size=20, minimum_calls=5,
+                          open_seconds=5.0, half_open_max_calls=1),
+        )
+
+    @property
+    def status(self) -> str:
+        """``ok``, or ``degraded`` while the breaker keeps the backend out of the path."""
+        return "ok" if self.breaker.state == "closed" else "degraded"
+
+    def _failed(self, namespace: str, exc: BaseException) -> None:
+        self.errors[namespace] += 1
+        self.breaker.record_failure()
+        log.warning("cache %s failed (%s); continuing without it", namespace, type(exc).__name__)
+
+    async def get_bytes(self, namespace: str, key: str) -> bytes | None:
+        if not self.breaker.allow():
+            self.misses[namespace] += 1
+            return None
+        try:
+            value = await self.backend.get(f"{self.prefix}{namespace}:{key}")
+        except Exception as exc:
+            self._failed(namespace, exc)
+            self.misses[namespace] += 1
+            return None
+        self.breaker.record_success()
+        if value is None:
+            self.misses[namespace] += 1
+        else:
+            self.hits[namespace] += 1
+        return value
+
+    async def set_bytes(self, namespace: str, key: str, value: bytes, ttl: float) -> None:
+        if not self.breaker.allow():
+            self.errors[namespace] += 1
+            return
+        try:
+            await self.backend.set(f"{self.prefix}{namespace}:{key}", value, ttl)
+        except Exception as exc:
+            self._failed(namespace, exc)
+            return
+        self.breaker.record_success()
+
+    async def delete(self, namespace: str, key: str) -> None:
+        if not self.breaker.allow():
+            self.errors[namespace] += 1
+            return
+        try:
+            await self.backend.delete(f"{self.prefix}{namespace}:{key}")
+        except Exception as exc:
+            self._failed(namespace, exc)
+            return
+        self.breaker.record_success()
+
+    async def get_json(self, namespace: str, key: str) -> Any:
+        raw = await self.get_bytes(namespace, key)
+        return None if raw is None else json.loads(raw)
+
+    async def set_json(self, namespace: str, key: str, value: Any, ttl: float) -> None:
+        await self.set_bytes(namespace, key, json.dumps(value).encode(), ttl)
+
+    # -- robots ------------------------------------------------------------------------
+
+    async def get_robot(self, robot_id: str) -> Robot | None:
+        data = await self.get_json("robot", robot_id)
+        if data is None:
+            return None
+        try:
+            return converter.structure(data, Robot)
+        except Exception:  # an entry from another version: treat as a miss
+            return None
+
+    async def set_robot(self, robot: Robot) -> None:
+        data = converter.unstructure(robot)
+        data["lease_token"] = None  # a lease token never leaves the store
+        await self.set_json("robot", robot.id, data, self.config.ttl_robot_status)
+
+    # -- rate limits -------------------------------------------------------------------
+
+    async def rate_limit(self, key: str, count: int, period: float) -> RateDecision | None:
+        """The shared decision, or None when the backend cannot answer (caller decides)."""
+        if not self.breaker.allow():
+            return None
+        try:
+            decision = await self.backend.rate_limit(f"{self.prefix}rl:{key}", count, period)
+        except Exception as exc:
+            self._failed("ratelimit", exc)
+            return None
+        self.breaker.record_success()
+        return decision
+
+    def stats(self) -> dict[str, Any]:
+        namespaces = sorted(set(self.hits) | set(self.misses) | set(self.errors))
+        total_hits, total_misses = sum(self.hits.values()), sum(self.misses.values())
+        lookups = total_hits + total_misses
+        return {
+            "backend": self.backend.name,
+            "status": self.status,
+            "hits": total_hits,
+            "misses": total_misses,
+            "errors": sum(self.errors.values()),
+            "hit_ratio": (total_hits / lookups) if lookups else None,
+            "by_namespace": {
+                ns: {"hits": self.hits[ns], "misses": self.misses[ns], "errors": self.errors[ns]}
+                for ns in namespaces
+            },
+        }

@@ -1,0 +1,443 @@
+"""Orchestrator: the request flow, and the owner of everything that runs.
+
+``async with Orchestrator(settings) as orch`` builds the plugin manager, opens the store
+and cache, registers modules, and starts the worker and background loops in one task
+group; leaving the block stops them (running robots get a grace period) and closes
+everything. Every public call runs the seven steps of the request flow: security
+validation, module selection, robot creation, then (in a worker) execution start,
+module processing and completion; the response is the robot.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Self
+
+import anyio
+import attrs
+import pluggy
+from anyio import AsyncContextManagerMixin
+
+from .balancing import LoadBalancer, ModuleStats
+from .cache.manager import CacheManager
+from .config import Settings
+from .errors import (
+    ConfigError,
+    ConflictError,
+    NotFoundError,
+    PermissionDeniedError,
+    RobotFrameworkError,
+    ValidationError,
+)
+from .models import AuditEvent, ModuleRecord, Principal, Robot, RobotStatus, new_id
+from .modules import Module
+from .performance import PerformanceTracker
+from .plugins import await_me_maybe, build_plugin_manager, collect_modules
+from .security.audit import AuditLog
+from .security.validator import RequestInfo, SecurityValidator, SubmitRequest
+from .state.manager import StateManager
+from .worker import Worker
+
+__all__ = ["Orchestrator", "Page"]
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class Page:
+    """One page of ``list``: ``next_cursor`` is None on the last page."""
+
+    items: list[Robot]
+    next_cursor: str | None
+
+
+class Orchestrator(AsyncContextManagerMixin):
+    """Runs robots. Use as ``async with Orchestrator(settings) as orch: ...``."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        modules: Iterable[Module] = (),
+        plugins: Iterable[object] = (),
+    ) -> None:
+        self.settings = settings if settings is not None else Settings.from_env()
+        self._extra_modules = tuple(modules)
+        self._extra_plugins = tuple(plugins)
+        self.tracker = PerformanceTracker(window_size=self.settings.performance.window_size)
+        self._waiters: dict[str, anyio.Event] = {}
+        self._started = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def __asynccontextmanager__(self) -> AsyncGenerator[Self]:
+        if self._started:
+            raise RuntimeError("an Orchestrator can be entered once; create a new one")
+        self._started = True
+        settings = self.settings
+        self.pm: pluggy.PluginManager = build_plugin_manager(settings, self._extra_plugins)
+        self.modules: dict[str, Module] = collect_modules(self.pm, settings, self._extra_modules)
+        self.module_stats = {name: ModuleStats() for name in self.modules}
+        driver = self.pm.hook.storage_driver(url=settings.storage.url, settings=settings)
+        if driver is None:
+            raise ConfigError(
+                f"RFMVP_STORAGE_URL: no storage driver handles the scheme of "
+                f"{_scheme(settings.storage.url)!r}; use sqlite:/// or postgresql://"
+            )
+        backend = self.pm.hook.cache_backend(url=settings.cache.url, settings=settings)
+        if backend is None:
+            raise ConfigError(
+                f"RFMVP_CACHE_URL: no cache backend handles the scheme of "
+                f"{_scheme(settings.cache.url)!r}; use memory:// or redis://"
+            )
+        self.driver = driver
+        self.cache = CacheManager(backend, settings.cache)
+        self.state = StateManager(driver, self.cache, self.tracker)
+        self.balancer = LoadBalancer(
+            self.modules, self.module_stats, self.tracker,
+            lambda kind, candidates: self.pm.hook.select_module(kind=kind, candidates=candidates),
+        )
+        await driver.open()
+        try:
+            await backend.open()
+            try:
+                if settings.storage.migrate_on_startup:
+                    await driver.migrate()
+                self.audit = AuditLog(driver, settings.security.audit_flush_interval,
+                                      self._audit_written)
+                self.security = SecurityValidator(self, self.audit)
+                await self._register_modules()
+                self.worker = Worker(
+                    settings=settings, state=self.state, modules=self.modules,
+                    stats=self.module_stats, tracker=self.tracker,
+                    on_progress=self._robot_progressed, on_finished=self._robot_finished,
+                )
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.audit.run)
+                    from .background import BackgroundLoops
+
+                    self.background = BackgroundLoops(self)
+                    await tg.start(self.background.run)
+                    await self._call_observers("on_startup", orchestrator=self)
+                    worker_scope = anyio.CancelScope()
+                    self._worker_stopped = anyio.Event()
+                    self._worker_stopped.set()
+                    if settings.worker.enabled and self.modules:
+                        await tg.start(self._run_worker, worker_scope)
+                    try:
+                        yield self
+                    finally:
+                        with anyio.CancelScope(shield=True):
+                            worker_scope.cancel()
+                            await self._worker_stopped.wait()
+                            await self._call_observers("on_shutdown", orchestrator=self)
+                        tg.cancel_scope.cancel()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await backend.close()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await driver.close()
+
+    async def _run_worker(
+        self, scope: anyio.CancelScope,
+        *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        self._worker_stopped = anyio.Event()
+        try:
+            with scope:
+                await self.worker.run(task_status=task_status)
+        finally:
+            self._worker_stopped.set()
+
+    async def _register_modules(self) -> None:
+        records = [
+            ModuleRecord(name=m.name, kinds=m.kinds, capacity=m.capacity)
+            for m in self.modules.values()
+        ]
+        if records:
+            await self.state.upsert_modules(records)
+        await self.refresh_modules()
+
+    async def refresh_modules(self) -> None:
+        """Reload other processes' module records into the LoadBalancer."""
+        self.balancer.set_remote_records(await self.state.list_modules())
+
+    # -- observers ---------------------------------------------------------------------
+
+    async def _call_observers(self, hook_name: str, **kwargs: Any) -> None:
+        for outcome in getattr(self.pm.hook, hook_name)(**kwargs):
+            try:
+                await await_me_maybe(outcome)
+            except Exception:
+                log.exception("a %s hook implementation failed", hook_name)
+
+    async def _audit_written(self, events: Sequence[AuditEvent]) -> None:
+        if self.pm.hook.on_audit_event.get_hookimpls():
+            for event in events:
+                await self._call_observers("on_audit_event", event=event)
+
+    async def _robot_progressed(self, robot: Robot) -> None:
+        await self._call_observers("on_robot_progress", robot=robot)
+
+    async def _robot_finished(self, robot: Robot) -> None:
+        event = self._waiters.pop(robot.id, None)
+        if event is not None:
+            event.set()
+        await self._call_observers("on_robot_finished", robot=robot)
+
+    # -- the public API ----------------------------------------------------------------
+
+    async def submit(
+        self,
+        kind: str,
+        payload: Mapping[str, Any],
+        *,
+        api_key: str | None,
+        priority: int = 0,
+        idempotency_key: str | None = None,
+        client: str | None = None,
+        request_id: str | None = None,
+    ) -> Robot:
+        """Create a robot; it is queued for a worker at once. Returns the stored robot."""
+        request = SubmitRequest(kind=kind, payload=payload, priority=priority,
+                                idempotency_key=idempotency_key)
+        return (await self.submit_many([request], api_key=api_key, client=client,
+                                       request_id=request_id))[0]
+
+    async def submit_many(
+        self,
+        requests: Sequence[SubmitRequest],
+        *,
+        api_key: str | None,
+        client: str | None = None,
+        request_id: str | None = None,
+    ) -> list[Robot]:
+        """Create many robots in one write: authenticated once, each sanitized and audited."""
+        info = RequestInfo(client=client, request_id=request_id or new_id())
+        action = "robots.submit" if len(requests) == 1 else "robots.submit_many"
+        principal: Principal | None = None
+        try:
+            principal = await self.security.authorize(api_key, info, scope="robots:write")
+            robots = await self.security.build_robots(requests, principal)
+            created = await self.state.create_robots(robots)
+        except RobotFrameworkError as exc:
+            self.security.audit_refusal(action, principal, None, info, exc)
+            raise
+        for robot, is_new in created:
+            self.audit.record(action="robots.submit", outcome="created" if is_new else "existing",
+                              principal=principal.id, target=robot.id, client=info.client,
+                              request_id=info.request_id, details={"kind": robot.kind})
+            if is_new:
+                await self._call_observers("on_robot_created", robot=robot)
+        if any(is_new for _, is_new in created):
+            self.worker.wake()
+        return [robot for robot, _ in created]
+
+    async def get(self, robot_id: str, *, api_key: str | None, client: str | None = None,
+                  request_id: str | None = None) -> Robot:
+        """The robot (from the cache when it has it). Another tenant's robot is not found."""
+        info = RequestInfo(client=client, request_id=request_id or new_id())
+        principal: Principal | None = None
+        try:
+            principal = await self.security.authorize(api_key, info, scope="robots:read")
+            robot = await self._visible_robot(robot_id, principal)
+        except RobotFrameworkError as exc:
+            self.security.audit_refusal("robots.get", principal, robot_id, info, exc)
+            raise
+        self.audit.record(action="robots.get", outcome="ok", principal=principal.id,
+                          target=robot_id, client=info.client, request_id=info.request_id)
+        return robot
+
+    async def list(
+        self,
+        *,
+        api_key: str | None,
+        status: RobotStatus | str | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        client: str | None = None,
+        request_id: str | None = None,
+    ) -> Page:
+        """The caller's robots, newest first, ``limit`` (1-500) at a time."""
+        info = RequestInfo(client=client, request_id=request_id or new_id())
+        principal: Principal | None = None
+        try:
+            principal = await self.security.authorize(api_key, info, scope="robots:read")
+            status_value = _parse_status(status)
+            if not 1 <= limit <= 500:
+                raise ValidationError("limit must be between 1 and 500", path="$.limit")
+            if cursor is not None and (len(cursor) > 64 or not cursor.isprintable()):
+                raise ValidationError("cursor is not one this server handed out",
+                                      path="$.cursor")
+            items = await self.state.list_robots(
+                tenant=None if principal.is_admin else principal.tenant,
+                status=status_value, kind=kind, limit=limit + 1, before_id=cursor,
+            )
+        except RobotFrameworkError as exc:
+            self.security.audit_refusal("robots.list", principal, None, info, exc)
+            raise
+        self.audit.record(action="robots.list", outcome="ok", principal=principal.id,
+                          target=None, client=info.client, request_id=info.request_id,
+                          details={"count": min(len(items), limit)})
+        more = len(items) > limit
+        items = items[:limit]
+        return Page(items=items, next_cursor=items[-1].id if more else None)
+
+    async def cancel(self, robot_id: str, *, api_key: str | None, client: str | None = None,
+                     request_id: str | None = None) -> Robot:
+        """Cancel a queued or running robot; ConflictError (409) if it already ended."""
+        info = RequestInfo(client=client, request_id=request_id or new_id())
+        principal: Principal | None = None
+        try:
+            principal = await self.security.authorize(api_key, info, scope="robots:write")
+            robot = await self._visible_robot(robot_id, principal, fresh=True)
+            if robot.is_terminal:
+                raise ConflictError(f"robot {robot_id} already ended as {robot.status}",
+                                    status=str(robot.status))
+            cancelled = await self.state.cancel(robot_id)
+            if cancelled is None:
+                current = await self.state.get_robot(robot_id, fresh=True)
+                ended = current.status if current else "gone"
+                raise ConflictError(f"robot {robot_id} already ended as {ended}",
+                                    status=str(ended))
+        except RobotFrameworkError as exc:
+            self.security.audit_refusal("robots.cancel", principal, robot_id, info, exc)
+            raise
+        self.worker.cancel_local(robot_id)
+        self.audit.record(action="robots.cancel", outcome="cancelled", principal=principal.id,
+                          target=robot_id, client=info.client, request_id=info.request_id)
+        await self._robot_finished(cancelled)
+        return cancelled
+
+    async def wait(self, robot_id: str, *, api_key: str | None, timeout: float,
+                   client: str | None = None) -> Robot:
+        """Block until the robot ends or ``timeout`` seconds pass; return it either way."""
+        robot = await self.get(robot_id, api_key=api_key, client=client)
+        return await self._wait_until_terminal(robot, timeout)
+
+    async def process_robot(
+        self,
+        kind: str,
+        payload: Mapping[str, Any],
+        *,
+        api_key: str | None,
+        timeout: float = 60.0,
+        priority: int = 0,
+        idempotency_key: str | None = None,
+        client: str | None = None,
+    ) -> Robot:
+        """Submit, then wait up to ``timeout`` seconds for the robot to end."""
+        robot = await self.submit(kind, payload, api_key=api_key, priority=priority,
+                                  idempotency_key=idempotency_key, client=client)
+        return await self._wait_until_terminal(robot, timeout)
+
+    async def retry(self, robot_id: str, *, api_key: str | None, extra_attempts: int = 1,
+                    client: str | None = None) -> Robot:
+        """Requeue a failed or timed-out robot with ``extra_attempts`` more attempts."""
+        info = RequestInfo(client=client, request_id=new_id())
+        principal: Principal | None = None
+        try:
+            principal = await self.security.authorize(api_key, info, scope="robots:write")
+            robot = await self._visible_robot(robot_id, principal, fresh=True)
+            if robot.status not in (RobotStatus.FAILED, RobotStatus.TIMED_OUT):
+                raise ConflictError(f"only failed or timed-out robots can be retried; "
+                                    f"robot {robot_id} is {robot.status}")
+            requeued = await self.state.requeue(robot_id, extra_attempts)
+            if requeued is None:
+                raise ConflictError(f"robot {robot_id} changed while retrying; look again")
+        except RobotFrameworkError as exc:
+            self.security.audit_refusal("robots.retry", principal, robot_id, info, exc)
+            raise
+        self.audit.record(action="robots.retry", outcome="queued", principal=principal.id,
+                          target=robot_id, client=info.client, request_id=info.request_id)
+        self.worker.wake()
+        return requeued
+
+    async def executions(self, robot_id: str, *, api_key: str | None) -> list[Any]:
+        """Every attempt of a robot (for operators and tests)."""
+        info = RequestInfo(client=None, request_id=new_id())
+        principal = await self.security.authorize(api_key, info, scope="robots:read")
+        await self._visible_robot(robot_id, principal, fresh=True)
+        return await self.state.list_executions(robot_id)
+
+    async def module_table(self, *, api_key: str | None) -> list[dict[str, Any]]:
+        """Modules with health, score, circuit state and load (``GET /modules``)."""
+        info = RequestInfo(client=None, request_id=new_id())
+        await self.security.authorize(api_key, info, scope="robots:read")
+        if self.balancer.remote_stale:
+            await self.refresh_modules()
+        rows = []
+        kinds = sorted({k for m in self.modules.values() for k in m.kinds}
+                       | self.balancer.known_kinds())
+        seen: set[str] = set()
+        for kind in kinds:
+            for c in self.balancer.candidates(kind):
+                if c.name in seen:
+                    continue
+                seen.add(c.name)
+                module = self.modules.get(c.name)
+                rows.append({
+                    "name": c.name,
+                    "kinds": list(module.kinds) if module else
+                    [k for k in kinds if any(x.name == c.name
+                                             for x in self.balancer.candidates(k))],
+                    "health": c.health, "score": c.score, "circuit_state": c.circuit_state,
+                    "load": c.load, "capacity": c.capacity, "success_rate": c.success_rate,
+                    "latency_ewma_ms": c.latency_ewma_ms, "local": module is not None,
+                })
+        return sorted(rows, key=lambda r: r["name"])
+
+    # -- helpers -----------------------------------------------------------------------
+
+    async def _visible_robot(self, robot_id: str, principal: Principal, *,
+                             fresh: bool = False) -> Robot:
+        if not isinstance(robot_id, str) or not 0 < len(robot_id) <= 64:
+            raise NotFoundError("no such robot")
+        robot = await self.state.get_robot(robot_id, fresh=fresh)
+        if robot is None or (robot.tenant != principal.tenant and not principal.is_admin):
+            # Another tenant's robot looks exactly like a missing one.
+            raise NotFoundError(f"no robot {robot_id[:64]!r}")
+        return robot
+
+    async def _wait_until_terminal(self, robot: Robot, timeout: float) -> Robot:
+        if robot.is_terminal or timeout <= 0:
+            return robot
+        # Robots finished by this process wake us at once; others are seen by polling.
+        event = self._waiters.setdefault(robot.id, anyio.Event())
+        poll = 0.05
+        with anyio.move_on_after(timeout):
+            while True:
+                with anyio.move_on_after(poll):
+                    await event.wait()
+                current = await self.state.get_robot(robot.id, fresh=True)
+                if current is not None:
+                    robot = current
+                if robot.is_terminal:
+                    return robot
+                if event.is_set():
+                    event = self._waiters.setdefault(robot.id, anyio.Event())
+                poll = min(poll * 2, 0.5)
+        return robot
+
+    def require_admin(self, principal: Principal) -> None:
+        if not principal.is_admin:
+            raise PermissionDeniedError("this needs the admin scope")
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else url
+
+
+def _parse_status(status: RobotStatus | str | None) -> RobotStatus | None:
+    if status is None or status == "":
+        return None
+    try:
+        return RobotStatus(status)
+    except ValueError:
+        allowed = ", ".join(s.value for s in RobotStatus)
+        raise ValidationError(f"status must be one of: {allowed}", path="$.status") from None

@@ -1,0 +1,124 @@
+"""Building an orchestrator's PluginManager: built-ins, entry points, ``RFMVP_PLUGINS``.
+
+Each orchestrator builds its own manager when it starts; nothing is registered at
+import time, so two orchestrators in one process never see each other's plugins.
+Built-in behaviour is registered as plugins on the same hooks third parties use, marked
+``trylast`` so any plugin can override it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import pluggy
+
+from . import hookspecs
+from .balancing import Candidate, weighted_choice
+from .cache.backend import CacheBackend
+from .cache.memory import MemoryBackend
+from .config import Settings
+from .errors import ConfigError
+from .hookspecs import PROJECT_NAME, hookimpl
+from .modules import Module
+from .state.driver import StorageDriver
+from .state.sqlite import SQLiteDriver
+
+__all__ = ["BuiltinPlugin", "await_me_maybe", "build_plugin_manager", "collect_modules"]
+
+T = TypeVar("T")
+
+
+async def await_me_maybe(value: Any) -> Any:
+    """A hook may return a value or an awaitable; give the value either way."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+class BuiltinPlugin:
+    """The default drivers, caches and module selection, as a plugin."""
+
+    @hookimpl(trylast=True)
+    def storage_driver(self, url: str, settings: Settings) -> StorageDriver | None:
+        scheme = urlsplit(url).scheme
+        if scheme == "sqlite":
+            return SQLiteDriver(url, timeout=settings.storage.timeout)
+        if scheme in ("postgresql", "postgres"):
+            try:
+                from .state.postgres import PostgresDriver
+            except ImportError as exc:
+                raise ConfigError(
+                    "RFMVP_STORAGE_URL is a postgresql:// URL but psycopg is not installed; "
+                    "install robotframework-mvp[postgres]"
+                ) from exc
+            return PostgresDriver(url, settings.storage)
+        return None
+
+    @hookimpl(trylast=True)
+    def cache_backend(self, url: str, settings: Settings) -> CacheBackend | None:
+        scheme = urlsplit(url).scheme
+        if scheme == "memory":
+            return MemoryBackend(max_entries=settings.cache.max_entries)
+        if scheme in ("redis", "rediss", "unix"):
+            try:
+                from .cache.redis import RedisBackend
+            except ImportError as exc:
+                raise ConfigError(
+                    "RFMVP_CACHE_URL is a redis:// URL but redis is not installed; "
+                    "install robotframework-mvp[redis]"
+                ) from exc
+            return RedisBackend(url)
+        return None
+
+    @hookimpl(trylast=True)
+    def select_module(self, kind: str, candidates: Sequence[Candidate]) -> str | None:
+        return weighted_choice(candidates)
+
+
+def build_plugin_manager(settings: Settings, plugins: Iterable[object] = ()) -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    pm.register(BuiltinPlugin(), name="rfmvp.builtin")
+    pm.load_setuptools_entrypoints(PROJECT_NAME)
+    for dotted in settings.plugins:
+        try:
+            plugin = importlib.import_module(dotted)
+        except ImportError as exc:
+            raise ConfigError(
+                f"RFMVP_PLUGINS names {dotted!r}, which cannot be imported: {exc}"
+            ) from exc
+        if not pm.is_registered(plugin):
+            pm.register(plugin, name=dotted)
+    for plugin in plugins:
+        if not pm.is_registered(plugin):
+            pm.register(plugin)
+    return pm
+
+
+def collect_modules(pm: pluggy.PluginManager, settings: Settings,
+                    extra: Iterable[Module] = ()) -> dict[str, Module]:
+    """Every module: ``@module`` objects on registered plugins, the hook, and ``extra``."""
+    found: list[Module] = list(extra)
+    for plugin in pm.get_plugins():
+        if isinstance(plugin, Module):
+            found.append(plugin)
+            continue
+        for name in dir(plugin):
+            if name.startswith("__"):
+                continue
+            value = getattr(plugin, name, None)
+            if isinstance(value, Module):
+                found.append(value)
+    for contributed in pm.hook.register_modules(settings=settings):
+        found.extend(contributed or ())
+    modules: dict[str, Module] = {}
+    for mod in found:
+        existing = modules.get(mod.name)
+        if existing is not None and existing is not mod:
+            raise ConfigError(f"two different modules are named {mod.name!r}; rename one")
+        modules[mod.name] = mod
+    return modules

@@ -1,0 +1,1 @@
+"""Security: authentication, rate limits, input sanitization and the audit trail."""

@@ -1,0 +1,134 @@
+"""StateManager: every read and write of robots, timed, with the cache kept in step.
+
+It owns the steps ``state.create_robot``, ``state.start_execution``,
+``state.update_progress`` and ``state.complete_robot`` of the request flow. Writes go to
+the store first; only a write the store accepted (its condition held) updates the cache,
+so the cache never shows a transition that did not happen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from ..cache.manager import CacheManager
+from ..models import Execution, ModuleRecord, Robot, RobotStatus, utcnow
+from ..performance import PerformanceTracker
+from .driver import Claim, Completion, StorageDriver
+
+__all__ = ["StateManager"]
+
+
+class StateManager:
+    def __init__(
+        self, driver: StorageDriver, cache: CacheManager, tracker: PerformanceTracker
+    ) -> None:
+        self.driver = driver
+        self.cache = cache
+        self.tracker = tracker
+
+    async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:
+        with self.tracker.measure("state.create_robot"):
+            created = await self.driver.create_robots(robots)
+        for robot, _ in created:
+            await self.cache.set_robot(robot)
+        return created
+
+    async def get_robot(self, robot_id: str, *, fresh: bool = False) -> Robot | None:
+        """From the cache when it has the robot (unless ``fresh``), else from the store."""
+        if not fresh:
+            cached = await self.cache.get_robot(robot_id)
+            if cached is not None:
+                return cached
+        robot = await self.driver.get_robot(robot_id)
+        if robot is not None:
+            await self.cache.set_robot(robot)
+        return robot
+
+    async def list_robots(
+        self,
+        *,
+        tenant: str | None,
+        status: RobotStatus | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        before_id: str | None = None,
+    ) -> list[Robot]:
+        return await self.driver.list_robots(
+            tenant=tenant, status=status, kind=kind, limit=limit, before_id=before_id
+        )
+
+    async def claim(
+        self, module: str, limit: int, worker: str, lease_seconds: float
+    ) -> list[Claim]:
+        now = utcnow()
+        with self.tracker.measure("state.start_execution"):
+            return await self.driver.claim_robots(
+                module=module, limit=limit, worker=worker, now=now,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+            )
+
+    async def renew_leases(
+        self, leases: Sequence[tuple[str, str]], lease_seconds: float
+    ) -> set[str]:
+        if not leases:
+            return set()
+        return await self.driver.renew_leases(
+            leases, utcnow() + timedelta(seconds=lease_seconds)
+        )
+
+    async def update_progress(
+        self, robot_id: str, lease_token: str, progress: float, message: str | None
+    ) -> Robot | None:
+        with self.tracker.measure("state.update_progress"):
+            robot = await self.driver.update_progress(
+                robot_id, lease_token, progress, message, utcnow()
+            )
+        if robot is not None:
+            await self.cache.set_robot(robot)
+        return robot
+
+    async def complete(self, completion: Completion) -> Robot | None:
+        with self.tracker.measure("state.complete_robot"):
+            robot = await self.driver.complete(completion)
+        if robot is not None:
+            await self.cache.set_robot(robot)
+        return robot
+
+    async def cancel(self, robot_id: str) -> Robot | None:
+        robot = await self.driver.cancel_robot(robot_id, utcnow())
+        if robot is not None:
+            await self.cache.set_robot(robot)
+        return robot
+
+    async def release(self, leases: Sequence[tuple[str, str]]) -> int:
+        if not leases:
+            return 0
+        released = await self.driver.release_robots(leases, utcnow())
+        for robot_id, _ in leases:
+            await self.cache.delete("robot", robot_id)
+        return released
+
+    async def reap_expired_leases(self) -> list[Robot]:
+        reaped = await self.driver.reap_expired_leases(utcnow())
+        for robot in reaped:
+            await self.cache.set_robot(robot)
+        return reaped
+
+    async def requeue(self, robot_id: str, extra_attempts: int) -> Robot | None:
+        robot = await self.driver.requeue_robot(robot_id, utcnow(), extra_attempts)
+        if robot is not None:
+            await self.cache.set_robot(robot)
+        return robot
+
+    async def next_due_at(self, modules: Sequence[str]) -> datetime | None:
+        return await self.driver.next_due_at(modules)
+
+    async def list_executions(self, robot_id: str) -> list[Execution]:
+        return await self.driver.list_executions(robot_id)
+
+    async def upsert_modules(self, records: Sequence[ModuleRecord]) -> None:
+        await self.driver.upsert_modules(records, utcnow())
+
+    async def list_modules(self) -> list[ModuleRecord]:
+        return await self.driver.list_modules()

@@ -1,0 +1,283 @@
+"""Worker: claims robots, runs their modules under leases, and records how each ended.
+
+One Worker per orchestrator runs up to ``concurrency`` robots at once, never more than a
+module's ``capacity``. A claimed robot's lease is renewed by one heartbeat task for all
+running robots; if a renewal finds the lease gone (the robot was cancelled, or another
+worker took it over after this one froze), the robot's task is cancelled and nothing it
+produced is written. On shutdown the worker stops claiming, lets running robots finish
+within the grace period, and hands the rest back to the queue without charging an
+attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+
+import anyio
+import attrs
+from anyio.abc import TaskGroup
+
+from .balancing import ModuleStats
+from .config import Settings
+from .models import ErrorInfo, ExecutionStatus, Robot, RobotStatus, utcnow
+from .modules import Module, ModuleContext
+from .performance import PerformanceTracker
+from .resilience import backoff_delay
+from .state.driver import Claim, Completion
+from .state.manager import StateManager
+
+__all__ = ["Worker"]
+
+log = logging.getLogger(__name__)
+
+
+@attrs.define(eq=False)
+class _Running:
+    claim: Claim
+    scope: anyio.CancelScope
+    lease_lost: bool = False
+    cancelled: bool = False
+
+
+def _error_info(exc: BaseException) -> ErrorInfo:
+    message = str(exc) or type(exc).__name__
+    return ErrorInfo(type=type(exc).__name__, message=message[:2000])
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        state: StateManager,
+        modules: Mapping[str, Module],
+        stats: Mapping[str, ModuleStats],
+        tracker: PerformanceTracker,
+        on_progress: Callable[[Robot], Awaitable[None]],
+        on_finished: Callable[[Robot], Awaitable[None]],
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.modules = modules
+        self.stats = stats
+        self.tracker = tracker
+        self.on_progress = on_progress
+        self.on_finished = on_finished
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.running: dict[str, _Running] = {}
+        self._wake = anyio.Event()
+        self._stopping = False
+        self._idle = anyio.Event()
+        self.claimed = 0
+        self.completed = 0
+
+    @property
+    def concurrency(self) -> int:
+        return self.settings.worker.concurrency
+
+    def wake(self) -> None:
+        """New work may be due: stop sleeping and look."""
+        self._wake.set()
+
+    def cancel_local(self, robot_id: str) -> bool:
+        """Cancel a robot running in this process now (its store row is already cancelled)."""
+        running = self.running.get(robot_id)
+        if running is None:
+            return False
+        running.cancelled = True
+        running.scope.cancel()
+        return True
+
+    # -- main loop ---------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                  ) -> None:
+        async with anyio.create_task_group() as robots_tg:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._heartbeat_loop)
+                task_status.started()
+                try:
+                    await self._dispatch_loop(robots_tg)
+                finally:
+                    tg.cancel_scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        await self._drain(robots_tg)
+
+    async def _dispatch_loop(self, robots_tg: TaskGroup) -> None:
+        module_names = list(self.modules)
+        start = 0
+        while True:
+            self._wake = anyio.Event()
+            claimed = 0
+            # Rotate the starting module so one busy module cannot starve the others.
+            for i in range(len(module_names)):
+                free = self.concurrency - len(self.running)
+                if free <= 0:
+                    break
+                name = module_names[(start + i) % len(module_names)]
+                module_free = self.modules[name].capacity - self.stats[name].load
+                if module_free <= 0:
+                    continue
+                try:
+                    claims = await self.state.claim(
+                        name, min(free, module_free), self.id, self.settings.worker.lease_seconds
+                    )
+                except Exception:
+                    log.exception("claiming robots of module %r failed; will retry", name)
+                    claims = []
+                for claim in claims:
+                    self._start(robots_tg, claim)
+                claimed += len(claims)
+            start += 1
+            if claimed and len(self.running) < self.concurrency:
+                continue  # there may be more due work: look again at once
+            await self._sleep()
+
+    async def _sleep(self) -> None:
+        timeout = self.settings.worker.poll_interval
+        if len(self.running) < self.concurrency and self.modules:
+            try:
+                due = await self.state.next_due_at(list(self.modules))
+            except Exception:
+                log.exception("looking up the next due robot failed")
+                due = None
+            if due is not None:
+                timeout = min(timeout, max(0.0, (due - utcnow()).total_seconds()))
+        if timeout > 0:
+            with anyio.move_on_after(timeout):
+                await self._wake.wait()
+
+    def _start(self, tg: TaskGroup, claim: Claim) -> None:
+        scope = anyio.CancelScope()
+        self.running[claim.robot.id] = _Running(claim=claim, scope=scope)
+        self.stats[claim.execution.module].load += 1
+        self.claimed += 1
+        tg.start_soon(self._execute, claim, scope)
+
+    # -- one robot ---------------------------------------------------------------------
+
+    async def _execute(self, claim: Claim, scope: anyio.CancelScope) -> None:
+        robot, execution = claim.robot, claim.execution
+        module = self.modules[execution.module]
+        token = execution.id
+        running = self.running[robot.id]
+        timeout = module.timeout or self.settings.resilience.default_timeout
+
+        async def report(percent: float, message: str | None) -> None:
+            updated = await self.state.update_progress(robot.id, token, percent, message)
+            if updated is None:
+                running.lease_lost = True
+                scope.cancel()
+                await anyio.lowlevel.checkpoint()
+            else:
+                await self.on_progress(updated)
+
+        ctx = ModuleContext(robot_id=robot.id, attempt=robot.attempts, module=module.name,
+                            report=report)
+        started = time.perf_counter()
+        result: dict[str, object] | None = None
+        error: ErrorInfo | None = None
+        timed_out = False
+        try:
+            with scope:
+                try:
+                    with anyio.fail_after(timeout):
+                        with self.tracker.measure("module.process"):
+                            result = await module.run(robot, ctx)
+                except TimeoutError:
+                    timed_out = True
+                    error = ErrorInfo("timeout", f"module {module.name!r} did not finish "
+                                      f"within its timeout of {timeout:g} s")
+                except Exception as exc:
+                    error = _error_info(exc)
+            duration_ms = (time.perf_counter() - started) * 1000
+            if scope.cancelled_caught or running.lease_lost or running.cancelled:
+                # Cancelled by request or lease lost: the store already says what happened.
+                return
+            ok = error is None and not timed_out
+            self.stats[module.name].record(ok, duration_ms)
+            with anyio.CancelScope(shield=True):
+                await self._complete(robot, token, module, result, error, timed_out,
+                                     duration_ms)
+        finally:
+            self.stats[module.name].load -= 1
+            self.running.pop(robot.id, None)
+            if not self.running:
+                self._idle.set()
+
+    async def _complete(
+        self, robot: Robot, token: str, module: Module, result: dict[str, object] | None,
+        error: ErrorInfo | None, timed_out: bool, duration_ms: float,
+    ) -> None:
+        now = utcnow()
+        scheduled_at = None
+        if timed_out:
+            status, exec_status = RobotStatus.TIMED_OUT, ExecutionStatus.TIMED_OUT
+        elif error is None:
+            status, exec_status = RobotStatus.SUCCEEDED, ExecutionStatus.SUCCEEDED
+        elif robot.attempts < robot.max_attempts:
+            status, exec_status = RobotStatus.QUEUED, ExecutionStatus.FAILED
+            res = self.settings.resilience
+            delay = backoff_delay(robot.attempts, res.retry_base_seconds, res.retry_cap_seconds)
+            scheduled_at = now + timedelta(seconds=delay)
+        else:
+            status, exec_status = RobotStatus.FAILED, ExecutionStatus.FAILED
+        completion = Completion(
+            robot_id=robot.id, lease_token=token, status=status,
+            execution_status=str(exec_status), finished_at=now, duration_ms=duration_ms,
+            result=result if status is RobotStatus.SUCCEEDED else None, error=error,
+            scheduled_at=scheduled_at,
+        )
+        stored = await self.state.complete(completion)
+        if stored is None:
+            log.info("robot %s: lease lost before completion; result dropped", robot.id)
+            return
+        self.completed += 1
+        if stored.is_terminal:
+            await self.on_finished(stored)
+        elif scheduled_at is not None:
+            self.wake()
+
+    # -- leases ------------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        interval = self.settings.worker.lease_seconds / 3
+        while True:
+            await anyio.sleep(interval)
+            leases = [(rid, r.claim.execution.id) for rid, r in self.running.items()]
+            if not leases:
+                continue
+            try:
+                held = await self.state.renew_leases(leases, self.settings.worker.lease_seconds)
+            except Exception:
+                log.exception("renewing %d leases failed; will retry", len(leases))
+                continue
+            for robot_id, _ in leases:
+                running = self.running.get(robot_id)
+                if robot_id not in held and running is not None:
+                    running.lease_lost = True
+                    running.scope.cancel()
+
+    async def _drain(self, robots_tg: TaskGroup) -> None:
+        """Graceful stop: wait for running robots, then hand the rest back uncharged."""
+        if self.running:
+            self._idle = anyio.Event()
+            with anyio.move_on_after(self.settings.worker.shutdown_grace_seconds):
+                await self._idle.wait()
+        leftovers = [(rid, r.claim.execution.id) for rid, r in self.running.items()]
+        for running in self.running.values():
+            running.lease_lost = True  # we give it up: nothing more may be written for it
+            running.scope.cancel()
+        robots_tg.cancel_scope.cancel()
+        if leftovers:
+            try:
+                released = await self.state.release(leftovers)
+                log.info("handed %d running robots back to the queue", released)
+            except Exception:
+                log.exception("could not release %d robots; their leases will expire",
+                              len(leftovers))
