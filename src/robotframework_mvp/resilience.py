@@ -223,7 +223,7 @@ class CircuitBreaker:
             return True
         if self._state is CircuitState.OPEN:
             return False
-        if self._trials_admitted <= self.policy.half_open_max_calls:
+        if self._trials_admitted < self.policy.half_open_max_calls:
             self._trials_admitted += 1
             return True
         return False
