@@ -11,6 +11,7 @@ module processing and completion; the response is the robot.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Self
@@ -391,6 +392,39 @@ class Orchestrator(AsyncContextManagerMixin):
                     "latency_ewma_ms": c.latency_ewma_ms, "local": module is not None,
                 })
         return sorted(rows, key=lambda r: r["name"])
+
+    async def health(self) -> dict[str, Any]:
+        """Each component's status and latency; ``status`` is ok, degraded or down."""
+        components: dict[str, dict[str, Any]] = {}
+        for name, ping in (("store", self.driver.ping), ("cache", self.cache.backend.ping)):
+            started = time.perf_counter()
+            try:
+                with anyio.fail_after(2.0):
+                    await ping()
+                status = "ok"
+            except Exception as exc:
+                status = "down" if name == "store" else "degraded"
+                log.warning("health: %s unreachable (%s)", name, type(exc).__name__)
+            if name == "cache" and status == "ok" and self.cache.status != "ok":
+                status = "degraded"
+            components[name] = {"status": status, "backend": (self.driver.name if name == "store"
+                                                              else self.cache.backend.name),
+                                "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
+        components["rate_limiter"] = {"status": "ok", "mode": self.security.limiter.status}
+        components["worker"] = {
+            "status": "ok", "enabled": self.settings.worker.enabled and bool(self.modules),
+            "running": len(self.worker.running), "concurrency": self.worker.concurrency,
+        }
+        components["modules"] = {
+            "status": "ok",
+            "health": {name: st.health for name, st in sorted(self.module_stats.items())},
+        }
+        overall = "ok"
+        if any(c["status"] == "degraded" for c in components.values()):
+            overall = "degraded"
+        if components["store"]["status"] == "down":
+            overall = "down"
+        return {"status": overall, "components": components}
 
     # -- helpers -----------------------------------------------------------------------
 

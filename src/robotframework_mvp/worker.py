@@ -153,7 +153,9 @@ class Worker:
                 await self._wake.wait()
 
     def _start(self, tg: TaskGroup, claim: Claim) -> None:
-        scope = anyio.CancelScope()
+        # Shielded: stopping the worker must not cancel robots at once; _drain gives them
+        # the grace period, then cancels this scope and hands them back uncharged.
+        scope = anyio.CancelScope(shield=True)
         self.running[claim.robot.id] = _Running(claim=claim, scope=scope)
         self.stats[claim.execution.module].load += 1
         self.claimed += 1

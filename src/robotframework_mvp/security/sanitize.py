@@ -294,10 +294,8 @@ def _walk(root: dict[Any, Any], limits: PayloadLimits, base: str) -> dict[str, A
                     else:
                         out.append(child)
                     trail.append(key)
-                    stack.append(
-                        (iter(dict.items(value)) if is_object else enumerate(value), child,
-                         is_object)
-                    )
+                    entries = iter(dict.items(value)) if is_object else enumerate(value)
+                    stack.append((entries, child, is_object))
                     break
                 # else: bool or None, kept as is
                 if budget < 0:

@@ -1,0 +1,1 @@
+"""Demo modules for the example servers (``examples/modules/demo.py``)."""

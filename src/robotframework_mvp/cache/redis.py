@@ -1,0 +1,170 @@
+"""Redis cache backend (redis.asyncio; the hiredis parser is used when installed).
+
+Every process that points at the same Redis shares its cached entries and its rate
+limits. The rate limiter's check-and-count is one Lua script that runs ``gcra()``'s
+arithmetic atomically on the server, with the server's clock (``TIME``), so all
+processes agree on one time source whatever their own clocks say.
+
+A dead Redis never stops the application from starting: ``open()`` only warns, and the
+``CacheManager``'s circuit breaker keeps a dead cache out of the request path. A dropped
+connection or a Redis restart needs nothing from the caller: the pool notices a closed
+connection when it hands it out and reconnects. Commands are not retried here (the
+rate-limit script is not idempotent: a retry after a lost reply would count twice);
+a failed call raises and the manager counts it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.commands.core import AsyncScript
+
+from .backend import RateDecision
+
+__all__ = ["RedisBackend"]
+
+log = logging.getLogger(__name__)
+
+#: an idle connection is PINGed before reuse after this many seconds (finds dead peers
+#: that never closed the socket, instead of waiting out ``socket_timeout`` on a command)
+_HEALTH_CHECK_INTERVAL = 30
+
+# ``gcra()`` from backend.py, statement for statement. KEYS[1] holds the theoretical
+# arrival time (TAT) as a float string; ARGV: count, period (seconds), cost.
+# Lua numbers become integers in a Redis reply, so times travel as '%.17g' strings,
+# which round-trip a double exactly. The fifth element is the server time the decision
+# was taken at (for diagnostics and conformance tests).
+_GCRA_LUA = """
+local count = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local cost = tonumber(ARGV[3])
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local function fmt(x) return string.format('%.17g', x) end
+local interval = period / count
+local stored = redis.call('GET', KEYS[1])
+local tat = nil
+if stored then tat = tonumber(stored) end
+if tat == nil or tat < now then tat = now end
+local new_tat = tat + interval * cost
+local allow_at = new_tat - period
+if now < allow_at then
+  return {0, 0, fmt(allow_at - now), fmt(tat - now), fmt(now)}
+end
+local remaining = math.floor((period - (new_tat - now)) / interval + 1e-9)
+if remaining < 0 then remaining = 0 end
+local ttl_ms = math.max(1, math.ceil((new_tat - now) * 1000))
+redis.call('SET', KEYS[1], fmt(new_tat), 'PX', ttl_ms)
+return {1, remaining, '0', fmt(new_tat - now), fmt(now)}
+"""
+
+
+class RedisBackend:
+    """Cache entries and rate limits in Redis, shared by every process that uses it."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        socket_timeout: float = 1.0,
+        connect_timeout: float = 1.0,
+        max_connections: int = 50,
+        pool_timeout: float = 1.0,
+        client_name: str | None = "rfmvp",
+    ) -> None:
+        """``url`` is ``redis://``, ``rediss://`` or ``unix://`` (query options allowed).
+
+        At most ``max_connections`` connections are open at once; a call that finds
+        them all busy waits up to ``pool_timeout`` seconds for one instead of failing.
+        ``client_name`` names the connections in ``CLIENT LIST``.
+        """
+        self.url = url
+        self.socket_timeout = socket_timeout
+        self.connect_timeout = connect_timeout
+        self.max_connections = max_connections
+        self.pool_timeout = pool_timeout
+        self.client_name = client_name
+        self._client: Redis | None = None
+        self._gcra: AsyncScript | None = None
+
+    def __repr__(self) -> str:
+        # Never show the URL: it may carry a password.
+        return f"<RedisBackend client_name={self.client_name!r} open={self._client is not None}>"
+
+    @property
+    def client(self) -> Redis:
+        """The redis.asyncio client (after ``open()``)."""
+        if self._client is None:
+            raise RuntimeError("RedisBackend is not open; call open() first")
+        return self._client
+
+    async def open(self) -> None:
+        """Create the client; warn, but do not fail, when Redis cannot be reached now."""
+        if self._client is not None:
+            return
+        # A blocking pool: a burst of more than max_connections concurrent calls waits
+        # for a free connection (the default pool would fail them at once).
+        pool = BlockingConnectionPool.from_url(
+            self.url,
+            max_connections=self.max_connections,
+            timeout=self.pool_timeout,
+            socket_timeout=self.socket_timeout,
+            socket_connect_timeout=self.connect_timeout,
+            health_check_interval=_HEALTH_CHECK_INTERVAL,
+            retry_on_timeout=False,
+            client_name=self.client_name,
+        )
+        self._client = Redis.from_pool(pool)  # the client owns and closes the pool
+        self._gcra = self._client.register_script(_GCRA_LUA)
+        try:
+            await self._client.ping()
+        except Exception as exc:
+            log.warning(
+                "Redis cache is not reachable (%s: %s); starting without it, "
+                "calls will be retried as it comes back", type(exc).__name__, exc,
+            )
+
+    async def close(self) -> None:
+        client, self._client, self._gcra = self._client, None, None
+        if client is not None:
+            await client.aclose()
+
+    async def ping(self) -> None:
+        await self.client.ping()
+
+    async def get(self, key: str) -> bytes | None:
+        value: Any = await self.client.get(key)
+        return None if value is None else bytes(value)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        if ttl <= 0:  # expired on arrival, as in the memory backend
+            await self.client.delete(key)
+            return
+        await self.client.set(key, value, px=max(1, math.ceil(ttl * 1000)))
+
+    async def delete(self, *keys: str) -> None:
+        if keys:
+            await self.client.delete(*keys)
+
+    async def rate_limit(self, key: str, count: int, period: float, cost: int = 1) -> RateDecision:
+        if count < 1 or not period > 0:
+            raise ValueError(f"a rate limit needs count >= 1 and period > 0, got {count}/{period}")
+        script = self._gcra
+        if script is None:
+            raise RuntimeError("RedisBackend is not open; call open() first")
+        # repr() of a float round-trips exactly, so Lua sees the very same period.
+        reply: Any = await script(keys=[key], args=[int(count), repr(float(period)), int(cost)])
+        allowed, remaining, retry_after, reset_after = reply[:4]
+        return RateDecision(
+            allowed=bool(int(allowed)),
+            limit=count,
+            remaining=int(remaining),
+            retry_after=float(retry_after),
+            reset_after=float(reset_after),
+        )

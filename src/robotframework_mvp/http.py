@@ -1,0 +1,247 @@
+"""The HTTP contract, framework-free: request bytes and headers in, status and JSON out.
+
+``HttpApi`` implements every route of DESIGN section 9 once, so the FastAPI and
+Starlette adapters in ``examples/`` only map routes to these methods and responses to
+their framework's types. Errors become ``{"error": {"type", "message"}}`` with the
+status and headers the error calls for; nothing else (no stack trace, no key) leaves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from .errors import PayloadTooLargeError, RobotFrameworkError, ValidationError
+from .models import Robot, new_id
+from .security.auth import credential_from_headers
+from .security.sanitize import parse_json_body, validate_wait
+from .security.validator import SubmitRequest
+
+if TYPE_CHECKING:
+    from .orchestrator import Orchestrator
+
+__all__ = ["API_PREFIX", "HttpApi", "HttpResponse", "read_body"]
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+_SUBMIT_FIELDS = frozenset({"kind", "payload", "priority", "idempotency_key", "wait", "delay"})
+_BATCH_FIELDS = frozenset({"robots"})
+_MAX_BATCH = 1000
+
+
+@attrs.frozen
+class HttpResponse:
+    status: int
+    body: Any
+    headers: Mapping[str, str] = attrs.field(factory=dict)
+    media_type: str = "application/json"
+
+    def body_bytes(self) -> bytes:
+        if self.media_type == "application/json":
+            return json.dumps(self.body, separators=(",", ":")).encode()
+        return str(self.body).encode()
+
+
+async def read_body(
+    chunks: AsyncIterable[bytes], headers: Mapping[str, str], limit: int
+) -> bytes:
+    """Read a request body, refusing (413) before buffering more than ``limit`` bytes."""
+    declared = {k.lower(): v for k, v in headers.items()}.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(
+            f"request body is {int(declared)} bytes; the limit is {limit}"
+        )
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+    return bytes(body)
+
+
+def error_response(exc: RobotFrameworkError) -> HttpResponse:
+    return HttpResponse(exc.status, exc.to_dict(), exc.headers())
+
+
+def _robot(robot: Robot) -> dict[str, Any]:
+    return robot.to_dict()
+
+
+class HttpApi:
+    """Every route of the HTTP contract as a method returning an ``HttpResponse``."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self.orch = orchestrator
+
+    @property
+    def max_body_bytes(self) -> int:
+        # Room for the envelope around a payload of the configured size.
+        return self.orch.settings.security.max_payload_bytes + 4096
+
+    async def _run(self, coro: Any) -> HttpResponse:
+        try:
+            result: HttpResponse = await coro
+            return result
+        except RobotFrameworkError as exc:
+            return error_response(exc)
+        except Exception:
+            request_id = new_id()
+            log.exception("unhandled error in an HTTP handler (request %s)", request_id)
+            return HttpResponse(500, {"error": {"type": "internal_error",
+                                                "message": "internal error",
+                                                "request_id": request_id}})
+
+    # -- robots ------------------------------------------------------------------------
+
+    async def submit_robot(self, body: bytes, headers: Mapping[str, str],
+                           client: str | None) -> HttpResponse:
+        return await self._run(self._submit_robot(body, headers, client))
+
+    async def _submit_robot(self, body: bytes, headers: Mapping[str, str],
+                            client: str | None) -> HttpResponse:
+        api_key = credential_from_headers(headers)
+        limits = self.orch.security.limits
+        data = parse_json_body(body, limits)
+        _check_fields(data, _SUBMIT_FIELDS)
+        if "payload" not in data:
+            raise ValidationError("payload is required (a JSON object)", path="$.payload")
+        wait = validate_wait(data.get("wait"), self.orch.settings.security.max_wait_seconds)
+        delay = validate_wait(data.get("delay"), 86400.0 * 365)
+        robot = (await self.orch.submit_many(
+            [SubmitRequest(kind=data.get("kind"),  # type: ignore[arg-type]  # validated inside
+                           payload=data["payload"], priority=data.get("priority", 0),
+                           idempotency_key=data.get("idempotency_key"), delay=delay)],
+            api_key=api_key, client=client,
+        ))[0]
+        if wait:
+            robot = await self.orch._wait_until_terminal(robot, wait)
+        return HttpResponse(200 if wait and robot.is_terminal else 202, _robot(robot))
+
+    async def submit_batch(self, body: bytes, headers: Mapping[str, str],
+                           client: str | None) -> HttpResponse:
+        return await self._run(self._submit_batch(body, headers, client))
+
+    async def _submit_batch(self, body: bytes, headers: Mapping[str, str],
+                            client: str | None) -> HttpResponse:
+        api_key = credential_from_headers(headers)
+        data = parse_json_body(body, self.orch.security.limits)
+        _check_fields(data, _BATCH_FIELDS)
+        items = data.get("robots")
+        if not isinstance(items, list) or not 1 <= len(items) <= _MAX_BATCH:
+            raise ValidationError(f"robots must be a list of 1 to {_MAX_BATCH} robots",
+                                  path="$.robots")
+        requests = []
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ValidationError("each robot must be a JSON object", path=f"$.robots[{i}]")
+            _check_fields(item, _SUBMIT_FIELDS - {"wait"}, prefix=f"$.robots[{i}]")
+            delay = validate_wait(item.get("delay"), 86400.0 * 365)
+            requests.append(SubmitRequest(
+                kind=item.get("kind"), payload=item.get("payload"),  # type: ignore[arg-type]
+                priority=item.get("priority", 0), idempotency_key=item.get("idempotency_key"),
+                delay=delay,
+            ))
+        robots = await self.orch.submit_many(requests, api_key=api_key, client=client)
+        return HttpResponse(202, {"items": [_robot(r) for r in robots]})
+
+    async def get_robot(self, robot_id: str, headers: Mapping[str, str],
+                        client: str | None) -> HttpResponse:
+        async def run() -> HttpResponse:
+            robot = await self.orch.get(robot_id, api_key=credential_from_headers(headers),
+                                        client=client)
+            return HttpResponse(200, _robot(robot))
+
+        return await self._run(run())
+
+    async def list_robots(self, query: Mapping[str, str], headers: Mapping[str, str],
+                          client: str | None) -> HttpResponse:
+        async def run() -> HttpResponse:
+            unknown = set(query) - {"status", "kind", "limit", "cursor"}
+            if unknown:
+                raise ValidationError(
+                    f"unknown query parameter {sorted(unknown)[0][:64]!r}; use status, kind, "
+                    "limit, cursor", path=f"$.{sorted(unknown)[0][:64]}")
+            limit_text = query.get("limit", "50")
+            if not limit_text.isdigit():
+                raise ValidationError("limit must be a whole number from 1 to 500",
+                                      path="$.limit")
+            page = await self.orch.list(
+                api_key=credential_from_headers(headers), status=query.get("status"),
+                kind=query.get("kind") or None, limit=int(limit_text),
+                cursor=query.get("cursor") or None, client=client,
+            )
+            return HttpResponse(200, {"items": [_robot(r) for r in page.items],
+                                      "next_cursor": page.next_cursor})
+
+        return await self._run(run())
+
+    async def cancel_robot(self, robot_id: str, headers: Mapping[str, str],
+                           client: str | None) -> HttpResponse:
+        async def run() -> HttpResponse:
+            robot = await self.orch.cancel(robot_id, api_key=credential_from_headers(headers),
+                                           client=client)
+            return HttpResponse(200, _robot(robot))
+
+        return await self._run(run())
+
+    async def retry_robot(self, robot_id: str, headers: Mapping[str, str],
+                          client: str | None) -> HttpResponse:
+        async def run() -> HttpResponse:
+            robot = await self.orch.retry(robot_id, api_key=credential_from_headers(headers),
+                                          client=client)
+            return HttpResponse(202, _robot(robot))
+
+        return await self._run(run())
+
+    async def list_executions(self, robot_id: str, headers: Mapping[str, str],
+                              client: str | None) -> HttpResponse:
+        async def run() -> HttpResponse:
+            from .models import converter
+
+            executions = await self.orch.executions(
+                robot_id, api_key=credential_from_headers(headers))
+            return HttpResponse(200, {"items": converter.unstructure(executions)})
+
+        return await self._run(run())
+
+    async def list_modules(self, headers: Mapping[str, str], client: str | None
+                           ) -> HttpResponse:
+        async def run() -> HttpResponse:
+            rows = await self.orch.module_table(api_key=credential_from_headers(headers))
+            return HttpResponse(200, {"items": rows})
+
+        return await self._run(run())
+
+    # -- operations --------------------------------------------------------------------
+
+    async def health(self) -> HttpResponse:
+        report = await self.orch.health()
+        return HttpResponse(200 if report["status"] != "down" else 503, report)
+
+    async def ready(self) -> HttpResponse:
+        report = await self.orch.health()
+        return HttpResponse(200 if report["status"] == "ok" else 503, report)
+
+    async def metrics(self) -> HttpResponse:
+        from .metrics import CONTENT_TYPE, render_metrics
+
+        text = await render_metrics(self.orch)
+        return HttpResponse(200, text, media_type=CONTENT_TYPE)
+
+    def not_found(self) -> HttpResponse:
+        return HttpResponse(404, {"error": {"type": "not_found", "message": "no such route"}})
+
+
+def _check_fields(data: Mapping[str, Any], allowed: frozenset[str], prefix: str = "$") -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        name = str(unknown[0])[:64]
+        raise ValidationError(
+            f"unknown field {name!r}; allowed: {', '.join(sorted(allowed))}",
+            path=f"{prefix}.{name}",
+        )

@@ -1,0 +1,139 @@
+"""Prometheus exposition of the tracker, cache, worker, rate limiter and store.
+
+Metrics are collected when scraped (a custom collector over the live objects), so
+recording a step costs nothing beyond the PerformanceTracker's own bookkeeping. Step
+latencies keep the stable operation names of DESIGN section 4, so the seed's latency
+budget can be read straight from ``rfmvp_step_duration_seconds``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .models import utcnow
+
+if TYPE_CHECKING:
+    from .orchestrator import Orchestrator
+
+__all__ = ["CONTENT_TYPE", "render_metrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class _Collector:
+    def __init__(self, orch: Orchestrator, robots: dict[tuple[str, str], int],
+                 queue: tuple[int, float | None]) -> None:
+        self.orch = orch
+        self.robots = robots
+        self.queue = queue
+
+    def collect(self) -> Iterator[Metric]:
+        orch = self.orch
+        robots = GaugeMetricFamily("rfmvp_robots", "Robots by kind and status",
+                                   labels=["kind", "status"])
+        for (kind, status), n in sorted(self.robots.items()):
+            robots.add_metric([kind, status], n)
+        yield robots
+        yield GaugeMetricFamily("rfmvp_queue_depth", "Queued robots that are due",
+                                value=self.queue[0])
+        yield GaugeMetricFamily("rfmvp_queue_oldest_age_seconds",
+                                "Age of the oldest due queued robot", value=self.queue[1] or 0.0)
+
+        hist = HistogramMetricFamily("rfmvp_step_duration_seconds",
+                                     "Latency of each step of the request flow",
+                                     labels=["operation"])
+        errors = CounterMetricFamily("rfmvp_step_errors", "Steps that raised",
+                                     labels=["operation"])
+        quantiles = GaugeMetricFamily("rfmvp_step_latency_seconds",
+                                      "Recent latency percentiles of each step",
+                                      labels=["operation", "quantile"])
+        for name, stats in orch.tracker.snapshot().items():
+            metrics = orch.tracker.metrics(name)
+            assert metrics is not None
+            buckets, count, total_ms = metrics.histogram()
+            hist.add_metric(
+                [name],
+                [(f"{bound / 1000:g}", float(n)) for bound, n in buckets] + [("+Inf", count)],
+                total_ms / 1000,
+            )
+            errors.add_metric([name], stats.errors)
+            for q, value in (("0.5", stats.p50_ms), ("0.95", stats.p95_ms),
+                             ("0.99", stats.p99_ms)):
+                quantiles.add_metric([name, q], value / 1000)
+        yield hist
+        yield errors
+        yield quantiles
+
+        score = GaugeMetricFamily("rfmvp_module_score", "Module score (0-1)", labels=["module"])
+        load = GaugeMetricFamily("rfmvp_module_load", "Robots running on a module here",
+                                 labels=["module"])
+        circuit = GaugeMetricFamily("rfmvp_module_circuit_state",
+                                    "1 for the module's current circuit state",
+                                    labels=["module", "state"])
+        health = GaugeMetricFamily("rfmvp_module_healthy", "1 if the last health check passed",
+                                   labels=["module"])
+        for kind in sorted(orch.balancer.known_kinds()):
+            for c in orch.balancer.candidates(kind):
+                score.add_metric([c.name], c.score)
+        for name, st in sorted(orch.module_stats.items()):
+            load.add_metric([name], st.load)
+            health.add_metric([name], 1.0 if st.health == "healthy" else 0.0)
+            for state in ("closed", "open", "half_open"):
+                circuit.add_metric([name, state], 1.0 if st.circuit_state == state else 0.0)
+        yield score
+        yield load
+        yield circuit
+        yield health
+
+        cache = orch.cache.stats()
+        yield CounterMetricFamily("rfmvp_cache_hits", "Cache hits", value=cache["hits"])
+        yield CounterMetricFamily("rfmvp_cache_misses", "Cache misses", value=cache["misses"])
+        yield CounterMetricFamily("rfmvp_cache_errors", "Cache errors", value=cache["errors"])
+        yield GaugeMetricFamily("rfmvp_cache_hit_ratio", "Cache hits / lookups",
+                                value=cache["hit_ratio"] or 0.0)
+        limiter = orch.security.limiter
+        yield CounterMetricFamily("rfmvp_rate_limit_rejections",
+                                  "Requests refused by a rate limit", value=limiter.rejections)
+        yield CounterMetricFamily("rfmvp_rate_limit_fallbacks",
+                                  "Rate-limit checks answered locally (shared backend down)",
+                                  value=limiter.fallbacks)
+        yield CounterMetricFamily("rfmvp_audit_records_written", "Audit records written",
+                                  value=orch.audit.written)
+        yield GaugeMetricFamily("rfmvp_audit_records_pending", "Audit records not yet written",
+                                value=orch.audit.pending)
+        worker = orch.worker
+        yield GaugeMetricFamily("rfmvp_worker_running", "Robots running in this process",
+                                value=len(worker.running))
+        yield CounterMetricFamily("rfmvp_worker_claimed", "Robots claimed by this process",
+                                  value=worker.claimed)
+        yield CounterMetricFamily("rfmvp_worker_completed",
+                                  "Attempts this process completed", value=worker.completed)
+        pool = getattr(orch.driver, "pool_stats", None)
+        if callable(pool):
+            usage = GaugeMetricFamily("rfmvp_store_pool", "Connection pool figures",
+                                      labels=["pool", "figure"])
+            stats: dict[str, dict[str, Any]] = pool()
+            for pool_name, figures in sorted(stats.items()):
+                for figure, value in sorted(figures.items()):
+                    if isinstance(value, int | float):
+                        usage.add_metric([pool_name, figure], float(value))
+            yield usage
+
+
+async def render_metrics(orch: Orchestrator) -> str:
+    """The Prometheus text exposition (store figures read once per scrape)."""
+    robots = await orch.driver.count_robots()
+    queue = await orch.driver.queue_stats(utcnow())
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(orch, robots, queue))  # type: ignore[arg-type]
+    return generate_latest(registry).decode()
