@@ -414,7 +414,7 @@ def settings_reference() -> list[tuple[str, str, str, str]]:
     """(variable, default, accepted form, meaning) for every setting: the docs' source."""
     rows = []
     for _section, field in _settings_fields():
-        default = field.default
+        default: Any = field.default
         if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
             default = default.factory()
         shown = "(unset)" if default in (None, ()) else str(default)

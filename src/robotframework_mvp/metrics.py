@@ -122,8 +122,8 @@ class _Collector:
         if callable(pool):
             usage = GaugeMetricFamily("rfmvp_store_pool", "Connection pool figures",
                                       labels=["pool", "figure"])
-            stats: dict[str, dict[str, Any]] = pool()
-            for pool_name, figures in sorted(stats.items()):
+            pools: dict[str, dict[str, Any]] = pool()
+            for pool_name, figures in sorted(pools.items()):
                 for figure, value in sorted(figures.items()):
                     if isinstance(value, int | float):
                         usage.add_metric([pool_name, figure], float(value))
@@ -135,5 +135,5 @@ async def render_metrics(orch: Orchestrator) -> str:
     robots = await orch.driver.count_robots()
     queue = await orch.driver.queue_stats(utcnow())
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(orch, robots, queue))  # type: ignore[arg-type]
+    registry.register(_Collector(orch, robots, queue))
     return generate_latest(registry).decode()

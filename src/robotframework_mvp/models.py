@@ -19,7 +19,6 @@ import uuid_utils
 
 __all__ = [
     "TERMINAL_STATUSES",
-    "audit_hash",
     "AuditEvent",
     "ErrorInfo",
     "Execution",
@@ -28,6 +27,7 @@ __all__ = [
     "Principal",
     "Robot",
     "RobotStatus",
+    "audit_hash",
     "converter",
     "new_id",
     "utcnow",
@@ -205,10 +205,7 @@ def _make_converter() -> cattrs.Converter:
 
 
 def _parse_datetime(value: Any) -> datetime:
-    if isinstance(value, datetime):
-        parsed = value
-    else:
-        parsed = datetime.fromisoformat(str(value))
+    parsed = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 

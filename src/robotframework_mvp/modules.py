@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 __all__ = ["Module", "ModuleContext", "ProgressReporter", "module"]
 
 JSONObject = dict[str, Any]
-ProcessFunc = Callable[["Robot", "ModuleContext"], "Awaitable[JSONObject | None] | JSONObject | None"]
+ProcessFunc = Callable[
+    ["Robot", "ModuleContext"], "Awaitable[JSONObject | None] | JSONObject | None"
+]
 HealthFunc = Callable[[], "Awaitable[bool] | bool"]
 
 

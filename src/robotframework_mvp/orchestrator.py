@@ -10,6 +10,7 @@ module processing and completion; the response is the robot.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import time
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
@@ -32,7 +33,7 @@ from .errors import (
     RobotFrameworkError,
     ValidationError,
 )
-from .models import AuditEvent, ModuleRecord, Principal, Robot, RobotStatus, new_id
+from .models import AuditEvent, Execution, ModuleRecord, Principal, Robot, RobotStatus, new_id
 from .modules import Module
 from .performance import PerformanceTracker
 from .plugins import await_me_maybe, build_plugin_manager, collect_modules
@@ -128,6 +129,11 @@ class Orchestrator(AsyncContextManagerMixin):
                     self._worker_stopped.set()
                     if settings.worker.enabled and self.modules:
                         await tg.start(self._run_worker, worker_scope)
+                        # Drivers that can push (PostgreSQL LISTEN/NOTIFY) wake idle workers
+                        # the moment another process queues a robot, instead of at a poll.
+                        listen = getattr(driver, "listen", None)
+                        if listen is not None:
+                            await tg.start(listen, self.worker.wake)
                     try:
                         yield self
                     finally:
@@ -359,39 +365,31 @@ class Orchestrator(AsyncContextManagerMixin):
         self.worker.wake()
         return requeued
 
-    async def executions(self, robot_id: str, *, api_key: str | None) -> list[Any]:
+    async def executions(self, robot_id: str, *, api_key: str | None
+                         ) -> builtins.list[Execution]:
         """Every attempt of a robot (for operators and tests)."""
         info = RequestInfo(client=None, request_id=new_id())
         principal = await self.security.authorize(api_key, info, scope="robots:read")
         await self._visible_robot(robot_id, principal, fresh=True)
         return await self.state.list_executions(robot_id)
 
-    async def module_table(self, *, api_key: str | None) -> list[dict[str, Any]]:
+    async def module_table(self, *, api_key: str | None) -> builtins.list[dict[str, Any]]:
         """Modules with health, score, circuit state and load (``GET /modules``)."""
         info = RequestInfo(client=None, request_id=new_id())
         await self.security.authorize(api_key, info, scope="robots:read")
         if self.balancer.remote_stale:
             await self.refresh_modules()
-        rows = []
-        kinds = sorted({k for m in self.modules.values() for k in m.kinds}
-                       | self.balancer.known_kinds())
-        seen: set[str] = set()
-        for kind in kinds:
+        rows: dict[str, dict[str, Any]] = {}
+        for kind in sorted(self.balancer.known_kinds()):
             for c in self.balancer.candidates(kind):
-                if c.name in seen:
-                    continue
-                seen.add(c.name)
-                module = self.modules.get(c.name)
-                rows.append({
-                    "name": c.name,
-                    "kinds": list(module.kinds) if module else
-                    [k for k in kinds if any(x.name == c.name
-                                             for x in self.balancer.candidates(k))],
-                    "health": c.health, "score": c.score, "circuit_state": c.circuit_state,
-                    "load": c.load, "capacity": c.capacity, "success_rate": c.success_rate,
-                    "latency_ewma_ms": c.latency_ewma_ms, "local": module is not None,
+                row = rows.setdefault(c.name, {
+                    "name": c.name, "kinds": [], "health": c.health, "score": c.score,
+                    "circuit_state": c.circuit_state, "load": c.load, "capacity": c.capacity,
+                    "success_rate": c.success_rate, "latency_ewma_ms": c.latency_ewma_ms,
+                    "local": c.name in self.modules,
                 })
-        return sorted(rows, key=lambda r: r["name"])
+                row["kinds"].append(kind)
+        return [rows[name] for name in sorted(rows)]
 
     async def health(self) -> dict[str, Any]:
         """Each component's status and latency; ``status`` is ok, degraded or down."""

@@ -55,7 +55,8 @@ class BuiltinPlugin:
                     "RFMVP_STORAGE_URL is a postgresql:// URL but psycopg is not installed; "
                     "install robotframework-mvp[postgres]"
                 ) from exc
-            return PostgresDriver(url, settings.storage)
+            driver: StorageDriver = PostgresDriver(url, settings.storage)
+            return driver
         return None
 
     @hookimpl(trylast=True)
@@ -79,7 +80,9 @@ class BuiltinPlugin:
         return weighted_choice(candidates)
 
 
-def build_plugin_manager(settings: Settings, plugins: Iterable[object] = ()) -> pluggy.PluginManager:
+def build_plugin_manager(
+    settings: Settings, plugins: Iterable[object] = ()
+) -> pluggy.PluginManager:
     pm = pluggy.PluginManager(PROJECT_NAME)
     pm.add_hookspecs(hookspecs)
     pm.register(BuiltinPlugin(), name="rfmvp.builtin")
@@ -93,9 +96,9 @@ def build_plugin_manager(settings: Settings, plugins: Iterable[object] = ()) -> 
             ) from exc
         if not pm.is_registered(plugin):
             pm.register(plugin, name=dotted)
-    for plugin in plugins:
-        if not pm.is_registered(plugin):
-            pm.register(plugin)
+    for extra in plugins:
+        if not pm.is_registered(extra):
+            pm.register(extra)
     return pm
 
 
@@ -110,9 +113,9 @@ def collect_modules(pm: pluggy.PluginManager, settings: Settings,
         for name in dir(plugin):
             if name.startswith("__"):
                 continue
-            value = getattr(plugin, name, None)
-            if isinstance(value, Module):
-                found.append(value)
+            attribute = getattr(plugin, name, None)
+            if isinstance(attribute, Module):
+                found.append(attribute)
     for contributed in pm.hook.register_modules(settings=settings):
         found.extend(contributed or ())
     modules: dict[str, Module] = {}

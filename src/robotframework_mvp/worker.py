@@ -97,16 +97,15 @@ class Worker:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
                   ) -> None:
-        async with anyio.create_task_group() as robots_tg:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._heartbeat_loop)
-                task_status.started()
-                try:
-                    await self._dispatch_loop(robots_tg)
-                finally:
-                    tg.cancel_scope.cancel()
-                    with anyio.CancelScope(shield=True):
-                        await self._drain(robots_tg)
+        async with anyio.create_task_group() as robots_tg, anyio.create_task_group() as tg:
+            tg.start_soon(self._heartbeat_loop)
+            task_status.started()
+            try:
+                await self._dispatch_loop(robots_tg)
+            finally:
+                tg.cancel_scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await self._drain(robots_tg)
 
     async def _dispatch_loop(self, robots_tg: TaskGroup) -> None:
         module_names = list(self.modules)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 import json
 import math
-import time
 import unicodedata
 from collections import OrderedDict
 from datetime import datetime
@@ -470,21 +469,6 @@ def test_a_payload_exactly_max_depth_deep_is_accepted_and_one_deeper_is_rejected
     with pytest.raises(ValidationError, match="nested 6 levels deep; the limit is 5") as caught:
         sanitize_payload(nested_objects(6), limits)
     assert caught.value.path == "$.payload.a.a.a.a.a"
-
-
-def test_a_typical_payload_sanitizes_in_microseconds() -> None:
-    payload = {
-        "order_id": "A-12345",
-        "items": [{"sku": "X1", "qty": 2, "price": 9.99}, {"sku": "Y2", "qty": 1}],
-        "customer": {"name": "Zoë Smith", "vip": True, "note": None},
-    }
-    assert len(json.dumps(payload)) < 250
-    runs = 2000
-    start = time.perf_counter()
-    for _ in range(runs):
-        sanitize_payload(payload, LIMITS)
-    per_call = (time.perf_counter() - start) / runs
-    assert per_call < 200e-6  # typically ~5 µs; generous so a loaded machine passes
 
 
 # --- sanitize_payload: properties ----------------------------------------------------------

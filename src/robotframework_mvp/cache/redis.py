@@ -28,6 +28,22 @@ __all__ = ["RedisBackend"]
 
 log = logging.getLogger(__name__)
 
+
+def _pool_options() -> dict[str, Any]:
+    """Pool options only some redis-py versions know."""
+    options: dict[str, Any] = {}
+    try:
+        from redis.maint_notifications import MaintNotificationsConfig
+    except ImportError:  # redis-py before 7 has no maintenance notifications
+        return options
+    # Off: while enabled (even "auto", the default), the pool skips its check for
+    # connections the server closed when it hands one out, so the first call after a
+    # dropped connection or a restart would fail. We never use the (Redis Enterprise)
+    # maintenance push notifications anyway.
+    options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    return options
+
+
 #: an idle connection is PINGed before reuse after this many seconds (finds dead peers
 #: that never closed the socket, instead of waiting out ``socket_timeout`` on a command)
 _HEALTH_CHECK_INTERVAL = 30
@@ -52,7 +68,7 @@ if stored then tat = tonumber(stored) end
 if tat == nil or tat < now then tat = now end
 local new_tat = tat + interval * cost
 local allow_at = new_tat - period
-if now < allow_at then
+if allow_at - now > 1e-9 then
   return {0, 0, fmt(allow_at - now), fmt(tat - now), fmt(now)}
 end
 local remaining = math.floor((period - (new_tat - now)) / interval + 1e-9)
@@ -119,6 +135,7 @@ class RedisBackend:
             health_check_interval=_HEALTH_CHECK_INTERVAL,
             retry_on_timeout=False,
             client_name=self.client_name,
+            **_pool_options(),
         )
         self._client = Redis.from_pool(pool)  # the client owns and closes the pool
         self._gcra = self._client.register_script(_GCRA_LUA)
@@ -127,7 +144,9 @@ class RedisBackend:
         except Exception as exc:
             log.warning(
                 "Redis cache is not reachable (%s: %s); starting without it, "
-                "calls will be retried as it comes back", type(exc).__name__, exc,
+                "calls will be retried as it comes back",
+                type(exc).__name__,
+                exc,
             )
 
     async def close(self) -> None:

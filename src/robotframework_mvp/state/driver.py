@@ -126,7 +126,9 @@ class StorageDriver(Protocol):
     async def reap_expired_leases(self, now: datetime) -> list[Robot]:
         """Requeue (or fail, when out of attempts) robots whose lease expired."""
 
-    async def requeue_robot(self, robot_id: str, now: datetime, extra_attempts: int) -> Robot | None:
+    async def requeue_robot(
+        self, robot_id: str, now: datetime, extra_attempts: int
+    ) -> Robot | None:
         """Put a failed or timed-out robot back in the queue with more attempts."""
 
     async def next_due_at(self, modules: Sequence[str]) -> datetime | None:

@@ -415,7 +415,9 @@ class SQLiteDriver:
 
         return await self._write(run)
 
-    async def requeue_robot(self, robot_id: str, now: datetime, extra_attempts: int) -> Robot | None:
+    async def requeue_robot(
+        self, robot_id: str, now: datetime, extra_attempts: int
+    ) -> Robot | None:
         params = {"id": robot_id, "now": now.timestamp(), "extra_attempts": extra_attempts}
         row = await self._write(lambda c: c.execute(_Q["requeue_robot"], params).fetchone())
         return None if row is None else robot_from_row(row)

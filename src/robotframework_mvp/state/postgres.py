@@ -1,0 +1,741 @@
+"""PostgreSQL storage driver: many processes on many machines share one database.
+
+It owns two psycopg 3 connection pools: a write pool on the primary and, when
+``StorageConfig.read_url`` is set, a read pool (a replica) that falls back to the write
+pool while it is down. Every robot transition is one conditional SQL statement (data
+-modifying CTEs keep the robot and its execution in step), which PostgreSQL runs as one
+transaction in one round trip; the few multi-statement steps (migrations, audit appends)
+use explicit transactions. Claims use ``FOR UPDATE SKIP LOCKED``; statements that queue
+work ``pg_notify`` a channel named after the schema, which ``listen`` turns into wake-ups.
+
+Retries: a transient error (lost connection, server shutdown, serialization failure,
+deadlock) is retried a few times. That is safe because nothing here applies twice: a
+conditional write whose first attempt did commit finds its ``WHERE`` false the second
+time and returns None (or 0), just as if another worker had won; ``create_robots``
+recognises its own ids; ``append_audit`` checks whether its previous attempt committed.
+The one lossy case is a claim that committed while its connection died: those robots
+stay ``running`` under leases nobody holds until the reaper requeues them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import anyio
+import anyio.abc
+import attrs
+import psycopg
+import psycopg.errors
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
+
+from ..config import StorageConfig
+from ..errors import ServiceUnavailableError
+from ..models import (
+    AuditEvent,
+    ErrorInfo,
+    Execution,
+    ExecutionStatus,
+    ModuleRecord,
+    Robot,
+    RobotStatus,
+    audit_hash,
+)
+from ..resilience import infrastructure_retrying
+from .driver import Claim, Completion
+from .queries import load_migrations, load_queries
+
+__all__ = ["PostgresDriver", "describe_url", "is_transient"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Connection = psycopg.AsyncConnection[DictRow]
+Pool = AsyncConnectionPool[Connection]
+
+_Q = load_queries("postgres")
+#: first key of our advisory locks (the second is a hash of the schema name)
+_MIGRATION_LOCK = 0x5246_4D01
+_AUDIT_LOCK = 0x5246_4D02
+#: longest a read waits for a replica connection before using the primary instead
+_REPLICA_WAIT = 1.0
+#: how long reads stay on the primary after the replica failed, before trying it again
+_REPLICA_COOLDOWN = 30.0
+#: a LISTEN connection checks itself this often (a silent network drop shows up then)
+_LISTEN_KEEPALIVE = 30.0
+_LISTEN_BACKOFF = (0.1, 10.0)
+_TRANSIENT_ERRORS = (
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.CrashShutdown,
+    psycopg.errors.CannotConnectNow,
+)
+_LEASE_EXPIRED = ErrorInfo(
+    "lease_expired", "the worker running this robot stopped renewing its lease (it died or froze)"
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again on a fresh connection may succeed.
+
+    Pool timeouts are not: the pool has already waited its full timeout.
+    """
+    if isinstance(exc, PoolTimeout | PoolClosed | TooManyRequests):
+        return False
+    if isinstance(exc, _TRANSIENT_ERRORS):
+        return True
+    if isinstance(exc, psycopg.OperationalError):
+        # No SQLSTATE: the server never answered (connection lost); class 08: connection.
+        return exc.sqlstate is None or exc.sqlstate.startswith("08")
+    return False
+
+
+def describe_url(url: str) -> str:
+    """``postgresql://user@host:port/db``: what to show of a URL (never a password)."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "postgresql://(unparsable URL)"
+    user = params.get("user")
+    host = params.get("host") or "localhost"
+    port = params.get("port") or "5432"
+    return f"postgresql://{f'{user}@' if user else ''}{host}:{port}/{params.get('dbname') or ''}"
+
+
+def _schema_of(url: str) -> str | None:
+    options = str(conninfo_to_dict(url).get("options") or "")
+    match = re.search(r"search_path\s*=\s*([\w$]+)", options)
+    return match.group(1) if match else None
+
+
+def _identifier(text: str, limit: int = 63) -> str:
+    """``text`` as a lower-case identifier within PostgreSQL's 63-byte limit."""
+    name = re.sub(r"[^a-z0-9_]", "_", text.lower())
+    if len(name) > limit:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+        name = f"{name[: limit - 9]}_{digest}"
+    return name
+
+
+def _utc(value: datetime) -> datetime:
+    # psycopg gives timestamptz in the session's time zone; the model speaks UTC.
+    return value.astimezone(UTC)
+
+
+def _utc_or_none(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
+
+
+def _error(value: dict[str, Any] | None) -> ErrorInfo | None:
+    return None if value is None else ErrorInfo(type=value["type"], message=value["message"])
+
+
+def _error_jsonb(error: ErrorInfo | None) -> Jsonb | None:
+    return None if error is None else Jsonb({"type": error.type, "message": error.message})
+
+
+def robot_from_row(row: DictRow) -> Robot:
+    return Robot(
+        id=row["id"],
+        kind=row["kind"],
+        payload=row["payload"],
+        owner=row["owner"],
+        tenant=row["tenant"],
+        status=RobotStatus(row["status"]),
+        module=row["module"],
+        progress=row["progress"],
+        progress_message=row["progress_message"],
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        priority=row["priority"],
+        idempotency_key=row["idempotency_key"],
+        result=row["result"],
+        error=_error(row["error"]),
+        created_at=_utc(row["created_at"]),
+        updated_at=_utc(row["updated_at"]),
+        started_at=_utc_or_none(row["started_at"]),
+        finished_at=_utc_or_none(row["finished_at"]),
+        scheduled_at=_utc(row["scheduled_at"]),
+        lease_expires_at=_utc_or_none(row["lease_expires_at"]),
+        lease_token=row["lease_token"],
+    )
+
+
+def _execution_from_row(row: DictRow) -> Execution:
+    return Execution(
+        id=row["id"],
+        robot_id=row["robot_id"],
+        module=row["module"],
+        attempt=row["attempt"],
+        status=ExecutionStatus(row["status"]),
+        worker=row["worker"],
+        started_at=_utc(row["started_at"]),
+        finished_at=_utc_or_none(row["finished_at"]),
+        duration_ms=row["duration_ms"],
+        error=_error(row["error"]),
+    )
+
+
+async def _fetchall(conn: Connection, query: str, params: dict[str, Any] | None = None
+                    ) -> list[DictRow]:
+    cur = await conn.execute(query, params)
+    return await cur.fetchall()
+
+
+async def _fetchone(conn: Connection, query: str, params: dict[str, Any] | None = None
+                    ) -> DictRow | None:
+    cur = await conn.execute(query, params)
+    return await cur.fetchone()
+
+
+class PostgresDriver:
+    """StorageDriver on PostgreSQL (psycopg 3 async pools)."""
+
+    name = "postgresql"
+
+    def __init__(self, url: str, config: StorageConfig) -> None:
+        self.url = url
+        self.config = config
+        #: what messages and logs show of the URL
+        self.safe_url = describe_url(url)
+        params = conninfo_to_dict(url)
+        self._password = str(params.get("password") or "")
+        schema = _schema_of(url)
+        #: names this driver's sessions in pg_stat_activity (the URL's own name wins)
+        self.application_name: str = str(
+            params.get("application_name") or _identifier(f"rfmvp_{schema}" if schema else "rfmvp")
+        )
+        #: reads served by the write pool because the read pool was failing
+        self.read_fallbacks = 0
+        self.channel: str | None = None
+        self._pool: Pool | None = None
+        self._read_pool: Pool | None = None
+        self._replica_retry_at = 0.0
+        self._replica_ok = True
+
+    # -- connections -------------------------------------------------------------------
+
+    def _connect_kwargs(self) -> dict[str, Any]:
+        return {
+            "autocommit": True,
+            "row_factory": dict_row,
+            "application_name": self.application_name,
+            "connect_timeout": max(2, int(self.config.timeout + 0.999)),
+        }
+
+    def _new_pool(self, url: str, *, min_size: int, max_size: int, name: str) -> Pool:
+        return AsyncConnectionPool(
+            url,
+            connection_class=psycopg.AsyncConnection[DictRow],
+            kwargs=self._connect_kwargs(),
+            min_size=min(min_size, max_size),
+            max_size=max_size,
+            timeout=self.config.timeout,
+            name=name,
+            open=False,
+        )
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._password, "***") if self._password else text
+
+    def _unavailable(self, exc: BaseException, doing: str = "") -> ServiceUnavailableError:
+        text = str(exc).strip()
+        reason = self._scrub(text.splitlines()[0] if text else type(exc).__name__)
+        return ServiceUnavailableError(
+            f"PostgreSQL at {self.safe_url} is unavailable{doing}: {reason}. "
+            "Check that the server is running and reachable, and RFMVP_STORAGE_URL."
+        )
+
+    async def _connect_error(self, url: str) -> str:
+        """Why connecting fails, for the message of a pool that never filled."""
+        with anyio.move_on_after(min(self.config.timeout, 5.0)):
+            try:
+                conn = await psycopg.AsyncConnection.connect(url, **self._connect_kwargs())
+            except psycopg.Error as exc:
+                return self._scrub(str(exc).strip().splitlines()[0])
+            await conn.close()
+            return "connections were not ready in time"
+        return "connecting timed out"
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        pool = self._new_pool(self.url, min_size=self.config.pool_min_size,
+                              max_size=self.config.pool_max_size, name="rfmvp-write")
+        try:
+            await pool.open(wait=True, timeout=self.config.timeout)
+        except PoolTimeout:
+            reason = await self._connect_error(self.url)
+            raise ServiceUnavailableError(
+                f"cannot connect to PostgreSQL at {self.safe_url} within "
+                f"{self.config.timeout:g} s: {reason}. Check that the server is running and "
+                "reachable, and RFMVP_STORAGE_URL."
+            ) from None
+        self._pool = pool
+        try:
+            row = await self._run(pool, lambda c: _fetchone(c, _Q["current_schema"]))
+        except BaseException:
+            await self.close()
+            raise
+        schema = None if row is None else row["schema"]
+        self.channel = _identifier(f"rfmvp_robots_{schema or 'public'}")
+        if self.config.read_url:
+            await self._open_read_pool(self.config.read_url)
+
+    async def _open_read_pool(self, url: str) -> None:
+        def new() -> Pool:
+            return self._new_pool(url, min_size=self.config.pool_min_size,
+                                  max_size=self.config.read_pool_max_size, name="rfmvp-read")
+
+        pool = new()
+        try:
+            await pool.open(wait=True, timeout=min(self.config.timeout, _REPLICA_WAIT))
+        except PoolTimeout:
+            # A replica that is down must not stop the process: read from the primary and
+            # let a fresh pool keep connecting in the background.
+            self._replica_down(f"cannot connect to {describe_url(url)}")
+            pool = new()
+            await pool.open(wait=False)
+        self._read_pool = pool
+
+    async def close(self) -> None:
+        pools = [p for p in (self._read_pool, self._pool) if p is not None]
+        self._pool = self._read_pool = None
+        for pool in pools:
+            await pool.close()
+
+    async def _run(
+        self,
+        pool: Pool,
+        fn: Callable[[Connection], Awaitable[T]],
+        *,
+        attempts: int = 3,
+        timeout: float | None = None,
+    ) -> T:
+        """``fn`` on a pooled connection, retried on transient errors (see module doc)."""
+        async for attempt in infrastructure_retrying(is_transient, attempts=attempts):
+            with attempt:
+                lost = False
+                try:
+                    async with pool.connection(timeout) as conn:
+                        try:
+                            return await fn(conn)
+                        except psycopg.Error:
+                            lost = conn.broken
+                            raise
+                finally:
+                    if lost:
+                        # The server may have dropped its other sessions too (restart,
+                        # failover, pg_terminate_backend): weed them out before retrying.
+                        await pool.check()
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _write_pool(self) -> Pool:
+        if self._pool is None:
+            raise ServiceUnavailableError("the PostgreSQL store is not open")
+        return self._pool
+
+    async def _write(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        try:
+            return await self._run(self._write_pool(), fn)
+        except psycopg.OperationalError as exc:
+            raise self._unavailable(exc) from exc
+        except psycopg.errors.TransactionRollback as exc:
+            raise self._unavailable(exc, " (the statement kept conflicting)") from exc
+
+    async def _read(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
+        """On the read pool when there is one and it works, else on the write pool."""
+        pool = self._read_pool
+        if pool is not None:
+            if time.monotonic() >= self._replica_retry_at:
+                try:
+                    result = await self._run(pool, fn, attempts=1,
+                                             timeout=min(self.config.timeout, _REPLICA_WAIT))
+                except psycopg.OperationalError as exc:
+                    self._replica_down(self._scrub(str(exc).strip()))
+                else:
+                    if not self._replica_ok:
+                        self._replica_ok = True
+                        log.warning("read replica %s is back; reading from it again",
+                                    describe_url(self.config.read_url or ""))
+                    return result
+            self.read_fallbacks += 1
+        return await self._write(fn)
+
+    def _replica_down(self, reason: str) -> None:
+        self._replica_retry_at = time.monotonic() + _REPLICA_COOLDOWN
+        if self._replica_ok:
+            self._replica_ok = False
+            log.warning("read replica %s is unavailable (%s); reading from the primary for now",
+                        describe_url(self.config.read_url or ""), reason)
+
+    # -- schema ------------------------------------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        migrations = load_migrations("postgres")
+
+        async def run(conn: Connection) -> list[int]:
+            applied = []
+            for version, name, script in migrations:
+                # One transaction per migration, each under the schema's migration lock,
+                # so concurrent processes apply each exactly once.
+                async with conn.transaction():
+                    await conn.execute(_Q["lock_migrations"], {"lock_class": _MIGRATION_LOCK})
+                    await conn.execute(_Q["create_schema_migrations"])
+                    if await _fetchone(conn, _Q["migration_applied"], {"version": version}):
+                        continue
+                    await conn.execute(script)
+                    await conn.execute(_Q["record_migration"], {"version": version, "name": name})
+                applied.append(version)
+            return applied
+
+        return await self._write(run)
+
+    async def ping(self) -> None:
+        await self._write(lambda c: c.execute("SELECT 1"))
+
+    # -- robots ------------------------------------------------------------------------
+
+    async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:
+        if not robots:
+            return []
+        params = {
+            "ids": [r.id for r in robots],
+            "kinds": [r.kind for r in robots],
+            "payloads": [Jsonb(r.payload) for r in robots],
+            "owners": [r.owner for r in robots],
+            "tenants": [r.tenant for r in robots],
+            "statuses": [str(r.status) for r in robots],
+            "modules": [r.module for r in robots],
+            "max_attempts": [r.max_attempts for r in robots],
+            "priorities": [r.priority for r in robots],
+            "idempotency_keys": [r.idempotency_key for r in robots],
+            "created_at": [r.created_at for r in robots],
+            "updated_at": [r.updated_at for r in robots],
+            "scheduled_at": [r.scheduled_at for r in robots],
+            "channel": self.channel,
+        }
+
+        async def run(conn: Connection) -> list[tuple[Robot, bool]]:
+            inserted = {row["id"]: row for row in await _fetchall(conn, _Q["insert_robots"],
+                                                                  params)}
+            by_id: dict[str, DictRow] = {}
+            by_key: dict[tuple[str, str], DictRow] = {}
+            if len(inserted) < len(robots):
+                # A separate statement: its snapshot sees rows that concurrent submissions
+                # committed while our insert waited on them.
+                skipped = [r for r in robots if r.id not in inserted]
+                keyed = [r for r in skipped if r.idempotency_key is not None]
+                for row in await _fetchall(conn, _Q["get_stored_robots"], {
+                    "ids": [r.id for r in skipped],
+                    "owners": [r.owner for r in keyed],
+                    "idempotency_keys": [r.idempotency_key for r in keyed],
+                }):
+                    by_id[row["id"]] = row
+                    if row["idempotency_key"] is not None:
+                        by_key[(row["owner"], row["idempotency_key"])] = row
+            out: list[tuple[Robot, bool]] = []
+            for robot in robots:
+                if robot.id in inserted:
+                    out.append((robot_from_row(inserted[robot.id]), True))
+                elif robot.id in by_id:
+                    # Our own id: an earlier attempt of this call committed it.
+                    out.append((robot_from_row(by_id[robot.id]), True))
+                elif robot.idempotency_key is not None and (
+                    stored := by_key.get((robot.owner, robot.idempotency_key))
+                ) is not None:
+                    out.append((robot_from_row(stored), False))
+                else:  # the conflicting robot vanished between the statements (purged)
+                    raise ServiceUnavailableError("robot creation raced a deletion; retry it")
+            return out
+
+        return await self._write(run)
+
+    async def get_robot(self, robot_id: str) -> Robot | None:
+        row = await self._read(lambda c: _fetchone(c, _Q["get_robot"], {"id": robot_id}))
+        return None if row is None else robot_from_row(row)
+
+    async def list_robots(
+        self,
+        *,
+        tenant: str | None,
+        status: RobotStatus | None,
+        kind: str | None,
+        limit: int,
+        before_id: str | None,
+    ) -> list[Robot]:
+        params = {
+            "tenant": tenant,
+            "status": None if status is None else str(status),
+            "kind": kind,
+            "limit": limit,
+            "before_id": before_id,
+        }
+        rows = await self._read(lambda c: _fetchall(c, _Q["list_robots"], params))
+        return [robot_from_row(r) for r in rows]
+
+    async def claim_robots(
+        self, *, module: str, limit: int, worker: str, now: datetime, lease_expires_at: datetime
+    ) -> list[Claim]:
+        params = {"module": module, "limit": limit, "worker": worker, "now": now,
+                  "lease_expires_at": lease_expires_at}
+        rows = await self._write(lambda c: _fetchall(c, _Q["claim_robots"], params))
+        claims = []
+        for row in rows:
+            robot = robot_from_row(row)
+            token = row["lease_token"]
+            execution = Execution(
+                id=token, robot_id=robot.id, module=module, attempt=robot.attempts,
+                status=ExecutionStatus.RUNNING, worker=worker, started_at=now,
+            )
+            claims.append(Claim(robot=robot, execution=execution))
+        return claims
+
+    async def renew_leases(
+        self, leases: Sequence[tuple[str, str]], lease_expires_at: datetime
+    ) -> set[str]:
+        if not leases:
+            return set()
+        params = {"ids": [i for i, _ in leases], "tokens": [t for _, t in leases],
+                  "lease_expires_at": lease_expires_at}
+        rows = await self._write(lambda c: _fetchall(c, _Q["renew_leases"], params))
+        return {row["id"] for row in rows}
+
+    async def update_progress(
+        self, robot_id: str, lease_token: str, progress: float, message: str | None,
+        now: datetime,
+    ) -> Robot | None:
+        params = {"id": robot_id, "lease_token": lease_token, "progress": float(progress),
+                  "message": message, "now": now}
+        row = await self._write(lambda c: _fetchone(c, _Q["update_progress"], params))
+        return None if row is None else robot_from_row(row)
+
+    async def complete(self, completion: Completion) -> Robot | None:
+        params = {
+            "id": completion.robot_id,
+            "lease_token": completion.lease_token,
+            "status": str(completion.status),
+            "execution_status": str(completion.execution_status),
+            "result": None if completion.result is None else Jsonb(completion.result),
+            "error": _error_jsonb(completion.error),
+            "now": completion.finished_at,
+            "duration_ms": float(completion.duration_ms),
+            "scheduled_at": completion.scheduled_at,
+            "module": completion.module,
+            "channel": self.channel,
+        }
+        row = await self._write(lambda c: _fetchone(c, _Q["complete_robot"], params))
+        return None if row is None else robot_from_row(row)
+
+    async def cancel_robot(self, robot_id: str, now: datetime) -> Robot | None:
+        params = {"id": robot_id, "now": now}
+        row = await self._write(lambda c: _fetchone(c, _Q["cancel_robot"], params))
+        return None if row is None else robot_from_row(row)
+
+    async def release_robots(self, leases: Sequence[tuple[str, str]], now: datetime) -> int:
+        if not leases:
+            return 0
+        params = {"ids": [i for i, _ in leases], "tokens": [t for _, t in leases], "now": now,
+                  "channel": self.channel}
+        row = await self._write(lambda c: _fetchone(c, _Q["release_robots"], params))
+        return 0 if row is None else int(row["released"])
+
+    async def reap_expired_leases(self, now: datetime) -> list[Robot]:
+        params = {"now": now, "error": _error_jsonb(_LEASE_EXPIRED), "channel": self.channel}
+        rows = await self._write(lambda c: _fetchall(c, _Q["reap_expired_leases"], params))
+        return [robot_from_row(r) for r in rows]
+
+    async def requeue_robot(
+        self, robot_id: str, now: datetime, extra_attempts: int
+    ) -> Robot | None:
+        params = {"id": robot_id, "now": now, "extra_attempts": extra_attempts,
+                  "channel": self.channel}
+        row = await self._write(lambda c: _fetchone(c, _Q["requeue_robot"], params))
+        return None if row is None else robot_from_row(row)
+
+    async def next_due_at(self, modules: Sequence[str]) -> datetime | None:
+        if not modules:
+            return None
+        params = {"modules": list(modules)}
+        row = await self._read(lambda c: _fetchone(c, _Q["next_due_at"], params))
+        return None if row is None else _utc_or_none(row["due"])
+
+    async def list_executions(self, robot_id: str) -> list[Execution]:
+        rows = await self._read(
+            lambda c: _fetchall(c, _Q["list_executions"], {"robot_id": robot_id})
+        )
+        return [_execution_from_row(r) for r in rows]
+
+    # -- modules -----------------------------------------------------------------------
+
+    async def upsert_modules(self, records: Sequence[ModuleRecord], now: datetime) -> None:
+        if not records:
+            return
+        params = [
+            {
+                "name": r.name, "kinds": Jsonb(list(r.kinds)), "capacity": r.capacity,
+                "health": r.health, "last_check_at": r.last_check_at, "score": float(r.score),
+                "success_rate": float(r.success_rate),
+                "latency_ewma_ms": None if r.latency_ewma_ms is None else float(r.latency_ewma_ms),
+                "circuit_state": r.circuit_state, "load": r.load, "now": now,
+            }
+            for r in records
+        ]
+
+        async def run(conn: Connection) -> None:
+            async with conn.transaction(), conn.cursor() as cur:
+                await cur.executemany(_Q["upsert_module"], params)
+
+        await self._write(run)
+
+    async def list_modules(self) -> list[ModuleRecord]:
+        rows = await self._read(lambda c: _fetchall(c, _Q["list_modules"]))
+        return [
+            ModuleRecord(
+                name=r["name"], kinds=tuple(r["kinds"]), capacity=r["capacity"],
+                health=r["health"], last_check_at=_utc_or_none(r["last_check_at"]),
+                score=r["score"], success_rate=r["success_rate"],
+                latency_ewma_ms=r["latency_ewma_ms"], circuit_state=r["circuit_state"],
+                load=r["load"],
+            )
+            for r in rows
+        ]
+
+    # -- audit -------------------------------------------------------------------------
+
+    async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+        if not events:
+            return []
+        # The chain written by the latest attempt: if its commit was acknowledged by a
+        # connection that then died, the retry finds its last hash and stops there.
+        attempted: list[AuditEvent] = []
+
+        async def run(conn: Connection) -> list[AuditEvent]:
+            async with conn.transaction():
+                await conn.execute(_Q["lock_audit_chain"], {"lock_class": _AUDIT_LOCK})
+                if attempted and await _fetchone(
+                    conn, _Q["audit_hash_exists"],
+                    {"ts": attempted[-1].ts, "hash": attempted[-1].hash},
+                ):
+                    return list(attempted)
+                row = await _fetchone(conn, _Q["last_audit_hash"])
+                prev = None if row is None else row["hash"]
+                chained = []
+                for event in events:
+                    digest = audit_hash(prev, event)
+                    chained.append(attrs.evolve(event, prev_hash=prev, hash=digest))
+                    prev = digest
+                attempted[:] = chained
+                async with conn.cursor() as cur:
+                    await cur.executemany(_Q["insert_audit"], [
+                        {"ts": e.ts, "principal": e.principal, "action": e.action,
+                         "target": e.target, "outcome": e.outcome, "client": e.client,
+                         "request_id": e.request_id, "details": Jsonb(e.details),
+                         "prev_hash": e.prev_hash, "hash": e.hash}
+                        for e in chained
+                    ])
+                return chained
+
+        return await self._write(run)
+
+    async def list_audit(self, *, after_seq: int, limit: int) -> list[tuple[int, AuditEvent]]:
+        params = {"after_seq": after_seq, "limit": limit}
+        rows = await self._read(lambda c: _fetchall(c, _Q["list_audit"], params))
+        return [
+            (
+                r["seq"],
+                AuditEvent(
+                    ts=_utc(r["ts"]), principal=r["principal"], action=r["action"],
+                    target=r["target"], outcome=r["outcome"], client=r["client"],
+                    request_id=r["request_id"], details=r["details"],
+                    prev_hash=r["prev_hash"], hash=r["hash"],
+                ),
+            )
+            for r in rows
+        ]
+
+    # -- statistics and retention ------------------------------------------------------
+
+    async def count_robots(self) -> dict[tuple[str, str], int]:
+        rows = await self._read(lambda c: _fetchall(c, _Q["count_robots"]))
+        return {(r["kind"], r["status"]): int(r["n"]) for r in rows}
+
+    async def queue_stats(self, now: datetime) -> tuple[int, float | None]:
+        row = await self._read(lambda c: _fetchone(c, _Q["queue_stats"], {"now": now}))
+        if row is None or row["oldest"] is None:
+            return (0 if row is None else int(row["n"])), None
+        return int(row["n"]), max(0.0, (now - row["oldest"]).total_seconds())
+
+    async def purge(self, finished_before: datetime) -> int:
+        row = await self._write(
+            lambda c: _fetchone(c, _Q["purge"], {"before": finished_before})
+        )
+        return 0 if row is None else int(row["n"])
+
+    # -- wake-ups ----------------------------------------------------------------------
+
+    async def listen(
+        self,
+        on_notify: Callable[[], None],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``on_notify()`` whenever any process queues robots in this schema.
+
+        Runs until cancelled on one dedicated connection (not from the pool), reporting
+        ready (``task_status.started()``) once it listens; start it with
+        ``await task_group.start(driver.listen, callback)``. When the connection drops it
+        reconnects with backoff and calls ``on_notify()`` once after reconnecting, since
+        notifications sent meanwhile are lost. Raises ServiceUnavailableError if the
+        first connection fails.
+        """
+        if self.channel is None:
+            raise ServiceUnavailableError("the PostgreSQL store is not open")
+        listen = sql.SQL("LISTEN {}").format(sql.Identifier(self.channel))
+        started = False
+        delay = _LISTEN_BACKOFF[0]
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs())
+            except psycopg.OperationalError as exc:
+                if not started:
+                    raise self._unavailable(exc, " (LISTEN connection)") from exc
+                log.warning("reconnecting LISTEN to %s failed: %s", self.safe_url,
+                            self._scrub(str(exc).strip()))
+            else:
+                try:
+                    await conn.execute(listen)
+                    if started:
+                        on_notify()
+                    else:
+                        started = True
+                        task_status.started()
+                    delay = _LISTEN_BACKOFF[0]
+                    while True:
+                        async with contextlib.aclosing(
+                            conn.notifies(timeout=_LISTEN_KEEPALIVE)
+                        ) as notifies:
+                            async for _ in notifies:
+                                on_notify()
+                        await conn.execute("SELECT 1")
+                except psycopg.OperationalError as exc:
+                    if not started:
+                        raise self._unavailable(exc, " (LISTEN connection)") from exc
+                    log.warning("LISTEN connection to %s dropped (%s); reconnecting",
+                                self.safe_url, self._scrub(str(exc).strip()))
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await conn.close()
+            await anyio.sleep(delay)
+            delay = min(delay * 2, _LISTEN_BACKOFF[1])

@@ -1,0 +1,317 @@
+-- Named queries of the PostgreSQL driver (psycopg named parameters).
+-- Each robot transition is one conditional statement (WHERE status / lease_token), so a
+-- retry after an ambiguous failure finds the condition false and changes nothing.
+-- Statements that queue work end with pg_notify on %(channel)s (delivered at commit) so
+-- LISTENing workers wake up; the "woken" column only forces the notify CTE to run.
+
+-- name: insert_robots
+-- Insert a batch; rows whose id or (owner, idempotency_key) exist already are skipped.
+WITH input AS (
+    SELECT * FROM unnest(
+        %(ids)s::text[], %(kinds)s::text[], %(payloads)s::jsonb[], %(owners)s::text[],
+        %(tenants)s::text[], %(statuses)s::text[], %(modules)s::text[],
+        %(max_attempts)s::integer[], %(priorities)s::integer[], %(idempotency_keys)s::text[],
+        %(created_at)s::timestamptz[], %(updated_at)s::timestamptz[],
+        %(scheduled_at)s::timestamptz[]
+    ) WITH ORDINALITY AS t(id, kind, payload, owner, tenant, status, module, max_attempts,
+                           priority, idempotency_key, created_at, updated_at, scheduled_at, n)
+), ins AS (
+    INSERT INTO robots (id, kind, payload, owner, tenant, status, module, max_attempts,
+                        priority, idempotency_key, created_at, updated_at, scheduled_at)
+    SELECT id, kind, payload, owner, tenant, status, module, max_attempts, priority,
+           idempotency_key, created_at, updated_at, scheduled_at
+    FROM input ORDER BY n
+    ON CONFLICT DO NOTHING
+    RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
+              attempts, max_attempts, priority, idempotency_key, result, error, created_at,
+              updated_at, started_at, finished_at, scheduled_at, lease_token,
+              lease_expires_at
+), wake AS (
+    SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT 1 FROM ins WHERE status = 'queued')
+)
+SELECT ins.*, (SELECT count(*) FROM wake) AS woken FROM ins;
+
+-- name: get_stored_robots
+-- After a skipped insert: the robots stored under these ids or (owner, idempotency_key).
+SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
+       max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
+       started_at, finished_at, scheduled_at, lease_token, lease_expires_at
+FROM robots WHERE id = ANY(%(ids)s::text[])
+UNION ALL
+SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
+       max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
+       started_at, finished_at, scheduled_at, lease_token, lease_expires_at
+FROM robots
+WHERE (owner, idempotency_key) IN (
+    SELECT * FROM unnest(%(owners)s::text[], %(idempotency_keys)s::text[]))
+  AND NOT id = ANY(%(ids)s::text[]);
+
+-- name: get_robot
+SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
+       max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
+       started_at, finished_at, scheduled_at, lease_token, lease_expires_at
+FROM robots WHERE id = %(id)s;
+
+-- name: list_robots
+-- Newest first; NULL filters match everything.
+SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
+       max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
+       started_at, finished_at, scheduled_at, lease_token, lease_expires_at
+FROM robots
+WHERE (%(tenant)s::text IS NULL OR tenant = %(tenant)s::text)
+  AND (%(status)s::text IS NULL OR status = %(status)s::text)
+  AND (%(kind)s::text IS NULL OR kind = %(kind)s::text)
+  AND (%(before_id)s::text IS NULL OR id < %(before_id)s::text)
+ORDER BY id DESC
+LIMIT %(limit)s;
+
+-- name: claim_robots
+-- Take due robots with SKIP LOCKED (concurrent claimers never wait on nor share a row),
+-- start them under a fresh lease token each and write their executions, in one statement.
+WITH due AS MATERIALIZED (
+    SELECT id FROM robots
+    WHERE status = 'queued' AND module = %(module)s AND scheduled_at <= %(now)s
+    ORDER BY priority DESC, scheduled_at, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE robots r
+    SET status = 'running', attempts = r.attempts + 1, lease_token = gen_random_uuid()::text,
+        lease_expires_at = %(lease_expires_at)s, started_at = COALESCE(r.started_at, %(now)s),
+        updated_at = %(now)s
+    FROM due
+    WHERE r.id = due.id AND r.status = 'queued'
+    RETURNING r.id, r.kind, r.payload, r.owner, r.tenant, r.status, r.module, r.progress,
+              r.progress_message, r.attempts, r.max_attempts, r.priority, r.idempotency_key,
+              r.result, r.error, r.created_at, r.updated_at, r.started_at, r.finished_at,
+              r.scheduled_at, r.lease_token, r.lease_expires_at
+), execution AS (
+    INSERT INTO executions (id, robot_id, module, attempt, status, worker, started_at)
+    SELECT lease_token, id, %(module)s, attempts, 'running', %(worker)s, %(now)s FROM claimed
+)
+SELECT * FROM claimed ORDER BY priority DESC, scheduled_at, id;
+
+-- name: renew_leases
+UPDATE robots r SET lease_expires_at = %(lease_expires_at)s
+FROM unnest(%(ids)s::text[], %(tokens)s::text[]) AS l(id, token)
+WHERE r.id = l.id AND r.lease_token = l.token AND r.status = 'running'
+RETURNING r.id;
+
+-- name: update_progress
+UPDATE robots
+SET progress = GREATEST(progress, %(progress)s), progress_message = %(message)s,
+    updated_at = %(now)s
+WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'running'
+RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
+              attempts, max_attempts, priority, idempotency_key, result, error, created_at,
+              updated_at, started_at, finished_at, scheduled_at, lease_token,
+              lease_expires_at;
+
+-- name: complete_robot
+-- End an attempt: terminal status, or back to queued for a retry; and its execution.
+WITH done AS (
+    UPDATE robots
+    SET status = %(status)s::text,
+        result = %(result)s::jsonb,
+        error = %(error)s::jsonb,
+        progress = CASE WHEN %(status)s::text = 'succeeded' THEN 100 ELSE progress END,
+        finished_at = CASE WHEN %(status)s::text = 'queued' THEN NULL ELSE %(now)s END,
+        scheduled_at = COALESCE(%(scheduled_at)s::timestamptz, scheduled_at),
+        module = COALESCE(%(module)s::text, module),
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        updated_at = %(now)s
+    WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'running'
+    RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
+              attempts, max_attempts, priority, idempotency_key, result, error, created_at,
+              updated_at, started_at, finished_at, scheduled_at, lease_token,
+              lease_expires_at
+), execution AS (
+    UPDATE executions
+    SET status = %(execution_status)s, finished_at = %(now)s, duration_ms = %(duration_ms)s,
+        error = %(error)s::jsonb
+    WHERE id = %(lease_token)s AND status = 'running' AND EXISTS (SELECT 1 FROM done)
+), wake AS (
+    SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT 1 FROM done WHERE status = 'queued')
+)
+SELECT done.*, (SELECT count(*) FROM wake) AS woken FROM done;
+
+-- name: cancel_robot
+WITH cancelled AS (
+    UPDATE robots
+    SET status = 'cancelled', finished_at = %(now)s, updated_at = %(now)s, lease_token = NULL,
+        lease_expires_at = NULL,
+        error = '{"type": "cancelled", "message": "cancelled by request"}'::jsonb
+    WHERE id = %(id)s AND status IN ('pending', 'queued', 'running')
+    RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
+              attempts, max_attempts, priority, idempotency_key, result, error, created_at,
+              updated_at, started_at, finished_at, scheduled_at, lease_token,
+              lease_expires_at
+), execution AS (
+    UPDATE executions
+    SET status = 'cancelled', finished_at = %(now)s,
+        duration_ms = EXTRACT(EPOCH FROM (%(now)s - started_at)) * 1000.0
+    WHERE robot_id = %(id)s AND status = 'running' AND EXISTS (SELECT 1 FROM cancelled)
+)
+SELECT * FROM cancelled;
+
+-- name: release_robots
+-- Graceful stop: back to the queue, and the attempt is not charged.
+WITH released AS (
+    UPDATE robots r
+    SET status = 'queued', attempts = r.attempts - 1, lease_token = NULL,
+        lease_expires_at = NULL, scheduled_at = %(now)s, updated_at = %(now)s
+    FROM unnest(%(ids)s::text[], %(tokens)s::text[]) AS l(id, token)
+    WHERE r.id = l.id AND r.lease_token = l.token AND r.status = 'running'
+    RETURNING l.token
+), execution AS (
+    UPDATE executions e
+    SET status = 'released', finished_at = %(now)s,
+        duration_ms = EXTRACT(EPOCH FROM (%(now)s - e.started_at)) * 1000.0, error = NULL
+    FROM released
+    WHERE e.id = released.token AND e.status = 'running'
+), wake AS (
+    SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT 1 FROM released)
+)
+SELECT (SELECT count(*) FROM released) AS released, (SELECT count(*) FROM wake) AS woken;
+
+-- name: reap_expired_leases
+-- Workers died holding these robots: retry each, or fail it when out of attempts.
+-- SKIP LOCKED lets several reapers (and workers renewing) run side by side.
+WITH expired AS MATERIALIZED (
+    SELECT id, lease_token FROM robots
+    WHERE status = 'running' AND lease_expires_at < %(now)s
+    ORDER BY lease_expires_at
+    LIMIT 1000
+    FOR UPDATE SKIP LOCKED
+), reaped AS (
+    UPDATE robots r
+    SET status = CASE WHEN r.attempts < r.max_attempts THEN 'queued' ELSE 'failed' END,
+        error = CASE WHEN r.attempts < r.max_attempts THEN r.error ELSE %(error)s::jsonb END,
+        finished_at = CASE WHEN r.attempts < r.max_attempts THEN NULL ELSE %(now)s END,
+        scheduled_at = %(now)s, lease_token = NULL, lease_expires_at = NULL,
+        updated_at = %(now)s
+    FROM expired
+    WHERE r.id = expired.id AND r.lease_token = expired.lease_token AND r.status = 'running'
+    RETURNING r.id, r.kind, r.payload, r.owner, r.tenant, r.status, r.module, r.progress,
+              r.progress_message, r.attempts, r.max_attempts, r.priority, r.idempotency_key,
+              r.result, r.error, r.created_at, r.updated_at, r.started_at, r.finished_at,
+              r.scheduled_at, r.lease_token, r.lease_expires_at, expired.lease_token AS reaped_token
+), execution AS (
+    UPDATE executions e
+    SET status = 'lost', finished_at = %(now)s,
+        duration_ms = EXTRACT(EPOCH FROM (%(now)s - e.started_at)) * 1000.0,
+        error = %(error)s::jsonb
+    FROM reaped
+    WHERE e.id = reaped.reaped_token AND e.status = 'running'
+), wake AS (
+    SELECT pg_notify(%(channel)s, '')
+    WHERE EXISTS (SELECT 1 FROM reaped WHERE status = 'queued')
+)
+SELECT reaped.*, (SELECT count(*) FROM wake) AS woken FROM reaped ORDER BY reaped.id;
+
+-- name: requeue_robot
+WITH requeued AS (
+    UPDATE robots
+    SET status = 'queued', max_attempts = attempts + %(extra_attempts)s, error = NULL,
+        result = NULL, finished_at = NULL, progress = 0, progress_message = NULL,
+        scheduled_at = %(now)s, updated_at = %(now)s
+    WHERE id = %(id)s AND status IN ('failed', 'timed_out')
+    RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
+              attempts, max_attempts, priority, idempotency_key, result, error, created_at,
+              updated_at, started_at, finished_at, scheduled_at, lease_token,
+              lease_expires_at
+), wake AS (
+    SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT 1 FROM requeued)
+)
+SELECT requeued.*, (SELECT count(*) FROM wake) AS woken FROM requeued;
+
+-- name: next_due_at
+SELECT MIN(scheduled_at) AS due FROM robots
+WHERE status = 'queued' AND module = ANY(%(modules)s::text[]);
+
+-- name: list_executions
+SELECT id, robot_id, module, attempt, status, worker, started_at, finished_at, duration_ms,
+       error
+FROM executions WHERE robot_id = %(robot_id)s ORDER BY attempt, started_at;
+
+-- name: upsert_module
+INSERT INTO modules (name, kinds, capacity, health, last_check_at, score, success_rate,
+                     latency_ewma_ms, circuit_state, load, updated_at)
+VALUES (%(name)s, %(kinds)s, %(capacity)s, %(health)s, %(last_check_at)s, %(score)s,
+        %(success_rate)s, %(latency_ewma_ms)s, %(circuit_state)s, %(load)s, %(now)s)
+ON CONFLICT (name) DO UPDATE SET
+    kinds = excluded.kinds, capacity = excluded.capacity, health = excluded.health,
+    last_check_at = excluded.last_check_at, score = excluded.score,
+    success_rate = excluded.success_rate, latency_ewma_ms = excluded.latency_ewma_ms,
+    circuit_state = excluded.circuit_state, load = excluded.load, updated_at = excluded.updated_at;
+
+-- name: list_modules
+SELECT name, kinds, capacity, health, last_check_at, score, success_rate, latency_ewma_ms,
+       circuit_state, load
+FROM modules ORDER BY name;
+
+-- name: lock_audit_chain
+-- Serialises appends to the chain across processes until the transaction ends. It must be
+-- its own statement: a statement's snapshot is taken before it waits for the lock, so the
+-- last hash has to be read by the next statement.
+SELECT pg_advisory_xact_lock(%(lock_class)s::integer,
+                             hashtext(COALESCE(current_schema(), '')));
+
+-- name: last_audit_hash
+SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1;
+
+-- name: audit_hash_exists
+-- Did an earlier attempt of this append commit after all? (ts narrows to the index.)
+SELECT 1 AS found FROM audit_log WHERE ts = %(ts)s AND hash = %(hash)s;
+
+-- name: insert_audit
+INSERT INTO audit_log (ts, principal, action, target, outcome, client, request_id, details,
+                       prev_hash, hash)
+VALUES (%(ts)s, %(principal)s, %(action)s, %(target)s, %(outcome)s, %(client)s,
+        %(request_id)s, %(details)s, %(prev_hash)s, %(hash)s);
+
+-- name: list_audit
+SELECT seq, ts, principal, action, target, outcome, client, request_id, details, prev_hash,
+       hash
+FROM audit_log WHERE seq > %(after_seq)s ORDER BY seq LIMIT %(limit)s;
+
+-- name: count_robots
+SELECT kind, status, COUNT(*) AS n FROM robots GROUP BY kind, status;
+
+-- name: queue_stats
+SELECT COUNT(*) AS n, MIN(scheduled_at) AS oldest FROM robots
+WHERE status = 'queued' AND scheduled_at <= %(now)s;
+
+-- name: purge
+-- Finished robots older than the cutoff with their executions, and old audit records.
+WITH robots_gone AS (
+    DELETE FROM robots WHERE finished_at IS NOT NULL AND finished_at < %(before)s
+    RETURNING id
+), executions_gone AS (
+    DELETE FROM executions WHERE robot_id IN (SELECT id FROM robots_gone)
+), audit_gone AS (
+    DELETE FROM audit_log WHERE ts < %(before)s
+)
+SELECT count(*) AS n FROM robots_gone;
+
+-- name: lock_migrations
+-- Serialises migrations of this schema across processes until the transaction ends.
+SELECT pg_advisory_xact_lock(%(lock_class)s::integer,
+                             hashtext(COALESCE(current_schema(), '')));
+
+-- name: create_schema_migrations
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    name       text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migration_applied
+SELECT 1 AS found FROM schema_migrations WHERE version = %(version)s;
+
+-- name: record_migration
+INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s);
+
+-- name: current_schema
+SELECT current_schema() AS schema;

@@ -1,0 +1,339 @@
+"""Specification of the CacheManager over every cache backend, and over a failing Redis.
+
+A cache never fails a request: with Redis unreachable reads are misses, writes are
+dropped and counted, and the circuit breaker stops calling it. When Redis comes back
+(a killed connection, a restart) the same backend object works again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import attrs
+import pytest
+import redis
+import redis.asyncio
+
+from robotframework_mvp.cache.manager import CacheManager
+from robotframework_mvp.cache.redis import RedisBackend
+from robotframework_mvp.config import CacheConfig, Settings
+from robotframework_mvp.models import ErrorInfo, Robot, RobotStatus, new_id
+from robotframework_mvp.plugins import BuiltinPlugin
+
+pytestmark = pytest.mark.anyio
+
+
+class CountingRedisBackend(RedisBackend):
+    """A real RedisBackend that counts the calls that reach it."""
+
+    def __init__(self, url: str, **options: Any) -> None:
+        super().__init__(url, **options)
+        self.calls = 0
+
+    async def get(self, key: str) -> bytes | None:
+        self.calls += 1
+        return await super().get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        self.calls += 1
+        await super().set(key, value, ttl)
+
+    async def delete(self, *keys: str) -> None:
+        self.calls += 1
+        await super().delete(*keys)
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def a_robot(**changes: Any) -> Robot:
+    robot = Robot(
+        id=new_id(),
+        kind="echo",
+        payload={"text": "héllo", "n": 3},
+        owner="alice",
+        tenant="acme",
+        status=RobotStatus.RUNNING,
+        module="echo-module",
+        progress=0.5,
+        attempts=1,
+        error=ErrorInfo("Timeout", "took too long"),
+        started_at=datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
+        lease_token="lease-secret-token",
+    )
+    return attrs.evolve(robot, **changes)
+
+
+@pytest.fixture
+async def manager(
+    cache_url: str, redis_prefix: str, anyio_backend: str
+) -> AsyncIterator[CacheManager]:
+    backend = BuiltinPlugin().cache_backend(cache_url, Settings())
+    assert backend is not None
+    await backend.open()
+    try:
+        yield CacheManager(backend, CacheConfig(key_prefix=redis_prefix))
+    finally:
+        await backend.close()
+
+
+# --- over every backend -----------------------------------------------------------------
+
+
+async def test_a_cached_robot_comes_back_equal_but_without_its_lease_token(
+    manager: CacheManager,
+) -> None:
+    robot = a_robot()
+    await manager.set_robot(robot)
+    cached = await manager.get_robot(robot.id)
+    assert cached == attrs.evolve(robot, lease_token=None)
+    raw = await manager.get_bytes("robot", robot.id)
+    assert raw is not None
+    assert b"lease-secret-token" not in raw
+
+
+async def test_the_manager_counts_hits_and_misses_per_namespace(manager: CacheManager) -> None:
+    robot = a_robot(lease_token=None)
+    assert await manager.get_robot(robot.id) is None
+    await manager.set_robot(robot)
+    assert await manager.get_robot(robot.id) == robot
+    assert await manager.get_json("stats", "daily") is None
+
+    stats = manager.stats()
+    assert (stats["hits"], stats["misses"], stats["errors"]) == (1, 2, 0)
+    assert stats["hit_ratio"] == pytest.approx(1 / 3)
+    assert stats["by_namespace"]["robot"] == {"hits": 1, "misses": 1, "errors": 0}
+    assert stats["by_namespace"]["stats"] == {"hits": 0, "misses": 1, "errors": 0}
+    assert stats["status"] == "ok"
+
+
+async def test_json_entries_and_deletes_go_through_the_prefix(manager: CacheManager) -> None:
+    await manager.set_json("choice", "echo", {"module": "m1"}, 60)
+    assert await manager.get_json("choice", "echo") == {"module": "m1"}
+    assert await manager.backend.get(f"{manager.prefix}choice:echo") is not None
+    await manager.delete("choice", "echo")
+    assert await manager.get_json("choice", "echo") is None
+
+
+async def test_rate_limits_through_the_manager_are_shared_decisions(
+    manager: CacheManager,
+) -> None:
+    decisions = [await manager.rate_limit("alice", 3, 60) for _ in range(4)]
+    assert [d.allowed if d else None for d in decisions] == [True, True, True, False]
+
+
+# --- over a Redis nobody answers ---------------------------------------------------------
+
+
+@pytest.fixture
+async def dead_backend(anyio_backend: str) -> AsyncIterator[CountingRedisBackend]:
+    backend = CountingRedisBackend(f"redis://127.0.0.1:{closed_port()}/0")
+    await backend.open()  # must not raise: the manager copes with a dead cache
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+async def test_opening_a_backend_on_a_dead_redis_warns_but_ping_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = RedisBackend(f"redis://127.0.0.1:{closed_port()}/0")
+    with caplog.at_level("WARNING", logger="robotframework_mvp.cache.redis"):
+        await backend.open()
+    try:
+        assert "not reachable" in caplog.text
+        with pytest.raises(redis.ConnectionError):
+            await backend.ping()
+    finally:
+        await backend.close()
+
+
+async def test_a_dead_redis_reads_as_misses_drops_writes_and_counts_errors(
+    dead_backend: CountingRedisBackend,
+) -> None:
+    manager = CacheManager(dead_backend, CacheConfig())
+    assert await manager.get_robot("r1") is None
+    await manager.set_robot(a_robot(id="r1"))  # dropped, not raised
+    assert await manager.rate_limit("alice", 5, 60) is None  # the caller decides
+
+    stats = manager.stats()
+    assert (stats["hits"], stats["misses"]) == (0, 1)
+    assert stats["by_namespace"]["robot"]["errors"] == 2
+    assert stats["errors"] == 3  # the rate limit's failure counts too
+    assert manager.status == "ok"  # three failures are below the breaker's minimum
+
+
+async def test_the_breaker_opens_on_a_dead_redis_and_stops_calling_it(
+    dead_backend: CountingRedisBackend,
+) -> None:
+    manager = CacheManager(dead_backend, CacheConfig())
+    minimum = manager.breaker.policy.minimum_calls
+    for i in range(minimum):
+        assert manager.status == "ok"
+        assert await manager.get_bytes("robot", f"r{i}") is None
+    assert manager.status == "degraded"
+    assert dead_backend.calls == minimum
+
+    for i in range(20):
+        assert await manager.get_bytes("robot", f"again{i}") is None
+        await manager.set_bytes("robot", f"again{i}", b"x", 60)
+        await manager.delete("robot", f"again{i}")
+    assert dead_backend.calls == minimum  # nothing reached the dead backend
+    stats = manager.stats()
+    assert stats["status"] == "degraded"
+    assert stats["misses"] == minimum + 20
+    assert stats["errors"] == minimum + 40  # refused writes and deletes are counted
+
+
+# --- recovery with a real Redis ---------------------------------------------------------
+
+
+async def set_then_get_until_it_works(manager: CacheManager, key: str) -> int:
+    """Write and read back ``key`` until it works (5 s at most); the attempts it took."""
+    attempts = 0
+    with anyio.fail_after(5):
+        while True:
+            attempts += 1
+            await manager.set_bytes("robot", key, b"value", 60)
+            if await manager.get_bytes("robot", key) == b"value":
+                return attempts
+            await anyio.lowlevel.checkpoint()  # an open breaker answers without awaiting
+
+
+async def burst(manager: CacheManager, tag: str, width: int = 8) -> None:
+    """``width`` concurrent writes then reads (one pooled connection each); all must work."""
+    async with anyio.create_task_group() as tg:
+        for i in range(width):
+            tg.start_soon(manager.set_bytes, "robot", f"{tag}{i}", b"v", 60)
+    errors = manager.stats()["errors"]
+    got: list[bytes | None] = []
+
+    async def read(i: int) -> None:
+        got.append(await manager.get_bytes("robot", f"{tag}{i}"))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(width):
+            tg.start_soon(read, i)
+    assert got == [b"v"] * width
+    assert manager.stats()["errors"] == errors
+
+
+async def test_the_same_backend_works_again_after_redis_kills_its_connections(
+    redis_url: str, redis_prefix: str
+) -> None:
+    name = f"rfmvp-test-{uuid.uuid4().hex[:8]}"
+    backend = RedisBackend(redis_url, client_name=name)
+    await backend.open()
+    admin = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        manager = CacheManager(backend, CacheConfig(key_prefix=redis_prefix))
+        await burst(manager, "before")  # several connections in the pool, soon killed
+
+        killed = {c["id"] for c in await admin.client_list() if c.get("name") == name}
+        assert killed, "the backend's connections carry its client name"
+        for client_id in killed:
+            await admin.client_kill_filter(_id=client_id)
+
+        assert await set_then_get_until_it_works(manager, "after") <= 2
+        # Every pooled connection was dead: a burst that needs them all still succeeds.
+        await burst(manager, "after")
+        assert manager.stats()["errors"] <= 1
+        assert manager.status == "ok"
+        now_open = {c["id"] for c in await admin.client_list() if c.get("name") == name}
+        assert now_open, "it reconnected, under its name"
+        assert not now_open & killed
+        assert (await backend.rate_limit(f"{redis_prefix}rl", 5, 60)).allowed
+    finally:
+        await admin.aclose()
+        await backend.close()
+
+
+class PrivateRedis:
+    """A throwaway redis-server of our own, which a test may stop and start again."""
+
+    def __init__(self, binary: str) -> None:
+        self.port = closed_port()
+        self.command = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed")
+    server = PrivateRedis(binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def wait_for_ping(backend: RedisBackend) -> None:
+    with anyio.fail_after(5):
+        while True:
+            try:
+                await backend.ping()
+                return
+            except redis.ConnectionError:
+                await anyio.sleep(0.02)
+
+
+async def test_the_same_backend_works_again_after_a_redis_restart(
+    private_redis: PrivateRedis, anyio_backend: str
+) -> None:
+    backend = RedisBackend(f"redis://127.0.0.1:{private_redis.port}/0")
+    await backend.open()
+    try:
+        await wait_for_ping(backend)
+        manager = CacheManager(backend, CacheConfig())
+        await burst(manager, "before")  # several connections in the pool
+        assert (await backend.rate_limit("rl", 5, 60)).remaining == 4
+
+        await anyio.to_thread.run_sync(private_redis.stop)
+        assert await manager.get_bytes("robot", "before0") is None  # down: a miss
+        assert manager.stats()["errors"] == 1
+
+        private_redis.start()
+        await wait_for_ping(backend)
+        assert await set_then_get_until_it_works(manager, "after") == 1
+        await burst(manager, "after")  # every other pooled connection is stale too
+        assert manager.stats()["errors"] == 1
+        assert manager.status == "ok"
+        # The restarted server knows no scripts: EVALSHA falls back to loading it.
+        assert (await backend.rate_limit("rl", 5, 60)).remaining == 4
+    finally:
+        await backend.close()
