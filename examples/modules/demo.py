@@ -1,7 +1,9 @@
 """Two demo modules: ``echo`` answers at once, ``sleep`` takes its time and reports progress.
 
-Register them with an orchestrator (``Orchestrator(settings, modules=[echo, sleep])``) or
-through ``RFMVP_PLUGINS=demo`` when this directory is on ``sys.path``.
+Register them with an orchestrator (``Orchestrator(settings, modules=[echo, sleep])``), or
+register this whole file as a plugin (``plugins=[demo]``, or ``RFMVP_PLUGINS=modules.demo``
+with ``examples/`` on ``sys.path``): then its ``validate_robot`` hook also refuses a bad
+``sleep`` payload with 422 at submission instead of letting the robot fail.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ from typing import Any
 
 import anyio
 
-from robotframework_mvp import ModuleContext, Robot, module
+from robotframework_mvp import ModuleContext, Principal, Robot, hookimpl, module
 
-__all__ = ["MAX_SLEEP_SECONDS", "echo", "sleep"]
+__all__ = ["MAX_SLEEP_SECONDS", "echo", "sleep", "validate_robot"]
 
 MAX_SLEEP_SECONDS = 3600.0
 _STEP_SECONDS = 0.25  # progress is reported at least every 0.5 s, as promised
@@ -55,3 +57,15 @@ async def sleep(robot: Robot, ctx: ModuleContext) -> dict[str, Any]:
             await ctx.progress(100 * slept / seconds, f"slept {slept:.1f} of {shown} s")
     await ctx.progress(100, f"slept {seconds:.1f} of {shown} s")
     return {"slept": shown}
+
+
+@hookimpl
+def validate_robot(kind: str, payload: dict[str, Any], principal: Principal) -> str | None:
+    """Refuse a ``sleep`` robot whose ``seconds`` is not a number from 0 to 3600 (422)."""
+    if kind != "sleep":
+        return None
+    try:
+        _seconds(payload)
+    except ValueError as exc:
+        return str(exc)
+    return None

@@ -29,6 +29,8 @@ class RobotFrameworkError(Exception):
 
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
+    #: who was refused, once known (set by the security layer for the audit trail)
+    principal_id: str | None = None
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)

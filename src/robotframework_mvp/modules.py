@@ -8,6 +8,7 @@ run on the event loop; plain functions run in a worker thread so they cannot blo
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -92,6 +93,12 @@ class Module:
             raise TypeError(
                 f"module {self.name!r} returned {type(result).__name__}; it must return a dict"
             )
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"module {self.name!r} returned a result that is not JSON: {exc}"
+            ) from None
         return result
 
     async def check_health(self) -> bool:

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any, Self
 
 import anyio
@@ -33,12 +34,26 @@ from .errors import (
     RobotFrameworkError,
     ValidationError,
 )
-from .models import AuditEvent, Execution, ModuleRecord, Principal, Robot, RobotStatus, new_id
+from .models import (
+    AuditEvent,
+    Execution,
+    ModuleRecord,
+    Principal,
+    Robot,
+    RobotStatus,
+    new_id,
+    utcnow,
+)
 from .modules import Module
 from .performance import PerformanceTracker
-from .plugins import await_me_maybe, build_plugin_manager, collect_modules
+from .plugins import build_plugin_manager, call_observers, collect_modules
 from .security.audit import AuditLog
-from .security.validator import RequestInfo, SecurityValidator, SubmitRequest
+from .security.validator import (
+    RequestInfo,
+    SanitizedRequest,
+    SecurityValidator,
+    SubmitRequest,
+)
 from .state.manager import StateManager
 from .worker import Worker
 
@@ -176,11 +191,7 @@ class Orchestrator(AsyncContextManagerMixin):
     # -- observers ---------------------------------------------------------------------
 
     async def _call_observers(self, hook_name: str, **kwargs: Any) -> None:
-        for outcome in getattr(self.pm.hook, hook_name)(**kwargs):
-            try:
-                await await_me_maybe(outcome)
-            except Exception:
-                log.exception("a %s hook implementation failed", hook_name)
+        await call_observers(getattr(self.pm.hook, hook_name), **kwargs)
 
     async def _audit_written(self, events: Sequence[AuditEvent]) -> None:
         if self.pm.hook.on_audit_event.get_hookimpls():
@@ -228,8 +239,9 @@ class Orchestrator(AsyncContextManagerMixin):
         action = "robots.submit" if len(requests) == 1 else "robots.submit_many"
         principal: Principal | None = None
         try:
-            principal = await self.security.authorize(api_key, info, scope="robots:write")
-            robots = await self.security.build_robots(requests, principal)
+            principal, sanitized = await self.security.validate_submission(
+                api_key, info, requests)
+            robots = [self._new_robot(item, principal) for item in sanitized]
             created = await self.state.create_robots(robots)
         except RobotFrameworkError as exc:
             self.security.audit_refusal(action, principal, None, info, exc)
@@ -243,6 +255,21 @@ class Orchestrator(AsyncContextManagerMixin):
         if any(is_new for _, is_new in created):
             self.worker.wake()
         return [robot for robot, _ in created]
+
+    def _new_robot(self, item: SanitizedRequest, principal: Principal) -> Robot:
+        """Step 2 (module selection) and the robot row that step 3 writes."""
+        module_name = self.balancer.select(item.kind)
+        module = self.modules.get(module_name)
+        max_attempts = (module.max_attempts if module is not None and module.max_attempts
+                        else self.settings.resilience.default_max_attempts)
+        now = utcnow()
+        return Robot(
+            id=new_id(), kind=item.kind, payload=item.payload, owner=principal.id,
+            tenant=principal.tenant, status=RobotStatus.QUEUED, module=module_name,
+            max_attempts=max_attempts, priority=item.priority,
+            idempotency_key=item.idempotency_key, created_at=now, updated_at=now,
+            scheduled_at=now if not item.delay else now + timedelta(seconds=item.delay),
+        )
 
     async def get(self, robot_id: str, *, api_key: str | None, client: str | None = None,
                   request_id: str | None = None) -> Robot:
@@ -369,14 +396,27 @@ class Orchestrator(AsyncContextManagerMixin):
                          ) -> builtins.list[Execution]:
         """Every attempt of a robot (for operators and tests)."""
         info = RequestInfo(client=None, request_id=new_id())
-        principal = await self.security.authorize(api_key, info, scope="robots:read")
-        await self._visible_robot(robot_id, principal, fresh=True)
+        principal: Principal | None = None
+        try:
+            principal = await self.security.authorize(api_key, info, scope="robots:read")
+            await self._visible_robot(robot_id, principal, fresh=True)
+        except RobotFrameworkError as exc:
+            self.security.audit_refusal("robots.executions", principal, robot_id, info, exc)
+            raise
+        self.audit.record(action="robots.executions", outcome="ok", principal=principal.id,
+                          target=robot_id, client=info.client, request_id=info.request_id)
         return await self.state.list_executions(robot_id)
 
     async def module_table(self, *, api_key: str | None) -> builtins.list[dict[str, Any]]:
         """Modules with health, score, circuit state and load (``GET /modules``)."""
         info = RequestInfo(client=None, request_id=new_id())
-        await self.security.authorize(api_key, info, scope="robots:read")
+        try:
+            principal = await self.security.authorize(api_key, info, scope="robots:read")
+        except RobotFrameworkError as exc:
+            self.security.audit_refusal("modules.list", None, None, info, exc)
+            raise
+        self.audit.record(action="modules.list", outcome="ok", principal=principal.id,
+                          target=None, client=info.client, request_id=info.request_id)
         if self.balancer.remote_stale:
             await self.refresh_modules()
         rows: dict[str, dict[str, Any]] = {}

@@ -9,6 +9,7 @@ Built-in behaviour is registered as plugins on the same hooks third parties use,
 from __future__ import annotations
 
 import importlib
+import logging
 import inspect
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
@@ -27,7 +28,16 @@ from .modules import Module
 from .state.driver import StorageDriver
 from .state.sqlite import SQLiteDriver
 
-__all__ = ["BuiltinPlugin", "await_me_maybe", "build_plugin_manager", "collect_modules"]
+__all__ = [
+    "BuiltinPlugin",
+    "await_me_maybe",
+    "build_plugin_manager",
+    "call_first_result",
+    "call_observers",
+    "collect_modules",
+]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -37,6 +47,29 @@ async def await_me_maybe(value: Any) -> Any:
     if inspect.isawaitable(value):
         return await value
     return value
+
+
+async def call_first_result(hook: pluggy.HookCaller, **kwargs: Any) -> Any:
+    """Call a ``firstresult`` hook whose implementations may be async.
+
+    pluggy would stop at the first non-None *return value*, and a coroutine object is
+    never None; here each implementation's value is awaited before deciding, in the
+    order pluggy itself would call them.
+    """
+    for impl in reversed(hook.get_hookimpls()):
+        value = await await_me_maybe(impl.function(*[kwargs[a] for a in impl.argnames]))
+        if value is not None:
+            return value
+    return None
+
+
+async def call_observers(hook: pluggy.HookCaller, **kwargs: Any) -> None:
+    """Call every implementation of an observe hook; one failing never stops the others."""
+    for impl in reversed(hook.get_hookimpls()):
+        try:
+            await await_me_maybe(impl.function(*[kwargs[a] for a in impl.argnames]))
+        except Exception:
+            log.exception("the %s hook of plugin %r failed", hook.name, impl.plugin_name)
 
 
 class BuiltinPlugin:
@@ -99,6 +132,11 @@ def build_plugin_manager(
     for extra in plugins:
         if not pm.is_registered(extra):
             pm.register(extra)
+    # A misspelled hook name would otherwise be ignored silently.
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise ConfigError(f"a plugin implements a hook that does not exist: {exc}") from exc
     return pm
 
 

@@ -172,6 +172,8 @@ class Worker:
         async def report(percent: float, message: str | None) -> None:
             updated = await self.state.update_progress(robot.id, token, percent, message)
             if updated is None:
+                log.warning("robot %s: lease lost while reporting progress; stopping it",
+                            robot.id)
                 running.lease_lost = True
                 scope.cancel()
                 await anyio.lowlevel.checkpoint()
@@ -187,13 +189,16 @@ class Worker:
         try:
             with scope:
                 try:
-                    with anyio.fail_after(timeout):
+                    with anyio.fail_after(timeout) as deadline:
                         with self.tracker.measure("module.process"):
                             result = await module.run(robot, ctx)
-                except TimeoutError:
-                    timed_out = True
-                    error = ErrorInfo("timeout", f"module {module.name!r} did not finish "
-                                      f"within its timeout of {timeout:g} s")
+                except TimeoutError as exc:
+                    if deadline.cancelled_caught:  # our deadline, not one inside the module
+                        timed_out = True
+                        error = ErrorInfo("timeout", f"module {module.name!r} did not finish "
+                                          f"within its timeout of {timeout:g} s")
+                    else:  # e.g. a network timeout the module let escape: an ordinary failure
+                        error = _error_info(exc)
                 except Exception as exc:
                     error = _error_info(exc)
             duration_ms = (time.perf_counter() - started) * 1000
@@ -236,7 +241,7 @@ class Worker:
         )
         stored = await self.state.complete(completion)
         if stored is None:
-            log.info("robot %s: lease lost before completion; result dropped", robot.id)
+            log.warning("robot %s: lease lost before completion; result dropped", robot.id)
             return
         self.completed += 1
         if stored.is_terminal:
@@ -260,7 +265,9 @@ class Worker:
                 continue
             for robot_id, _ in leases:
                 running = self.running.get(robot_id)
-                if robot_id not in held and running is not None:
+                if robot_id not in held and running is not None and not running.cancelled:
+                    log.warning("robot %s: lease lost (cancelled, or taken over after this "
+                                "worker stalled); stopping it and dropping its result", robot_id)
                     running.lease_lost = True
                     running.scope.cancel()
 

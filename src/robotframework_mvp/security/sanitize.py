@@ -30,9 +30,11 @@ if TYPE_CHECKING:
     from ..config import SecurityConfig
 
 __all__ = [
+    "MAX_DELAY_SECONDS",
     "PayloadLimits",
     "parse_json_body",
     "sanitize_payload",
+    "validate_delay",
     "validate_idempotency_key",
     "validate_kind",
     "validate_priority",
@@ -555,6 +557,23 @@ def validate_wait(value: object, max_wait: float) -> float | None:
         f"wait must be a number of seconds from 0 to {max_wait:g}, or null; not "
         f"{_describe_number(value)}",
         path="$.wait",
+    )
+
+
+MAX_DELAY_SECONDS = 366 * 86400.0
+
+
+def validate_delay(value: object) -> float | None:
+    """``None``, or how many seconds (0 to a year) a robot waits before it may run."""
+    if value is None:
+        return None
+    if (isinstance(value, int | float) and not isinstance(value, bool)
+            and 0 <= value <= MAX_DELAY_SECONDS):
+        return float(value)
+    raise ValidationError(
+        f"delay must be a number of seconds from 0 to {MAX_DELAY_SECONDS:g}, or null; not "
+        f"{_describe_number(value)}",
+        path="$.delay",
     )
 
 

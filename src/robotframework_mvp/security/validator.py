@@ -9,7 +9,6 @@ error's type; no credential ever reaches a log, an error or an audit record.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -22,14 +21,15 @@ from ..errors import (
     ValidationError,
 )
 from ..hookspecs import hookimpl
-from ..models import Principal, Robot, RobotStatus, new_id, utcnow
-from ..plugins import await_me_maybe
+from ..models import Principal
+from ..plugins import call_first_result
 from .audit import AuditLog
 from .auth import StaticKeyBackend
 from .ratelimit import RateLimiter
 from .sanitize import (
     PayloadLimits,
     sanitize_payload,
+    validate_delay,
     validate_idempotency_key,
     validate_kind,
     validate_priority,
@@ -38,7 +38,7 @@ from .sanitize import (
 if TYPE_CHECKING:
     from ..orchestrator import Orchestrator
 
-__all__ = ["RequestInfo", "SecurityValidator", "SubmitRequest"]
+__all__ = ["RequestInfo", "SanitizedRequest", "SecurityValidator", "SubmitRequest"]
 
 
 @attrs.frozen
@@ -51,13 +51,24 @@ class RequestInfo:
 
 @attrs.frozen
 class SubmitRequest:
-    """One robot to create: what ``submit_many`` takes."""
+    """One robot to create: what ``submit_many`` takes. ``delay`` is in seconds."""
 
     kind: str
     payload: Mapping[str, Any]
     priority: int = 0
     idempotency_key: str | None = None
     delay: float | None = None
+
+
+@attrs.frozen
+class SanitizedRequest:
+    """A SubmitRequest that passed every check, with its normalized payload."""
+
+    kind: str
+    payload: dict[str, Any]
+    priority: int
+    idempotency_key: str | None
+    delay: float | None
 
 
 class _StaticAuthPlugin:
@@ -86,92 +97,108 @@ class SecurityValidator:
         self.tracker = orchestrator.tracker
 
     async def authorize(self, api_key: str | None, info: RequestInfo, *, scope: str) -> Principal:
-        """Authenticate, rate-limit and check ``scope``; raise the right error otherwise."""
+        """Authenticate, rate-limit and check ``scope`` (the whole ``security.validate``)."""
         with self.tracker.measure("security.validate"):
-            principal = await self._authenticate(api_key, info)
-            limit = self.settings.rate_limit
-            if limit is not None:
-                decision = await self.limiter.check(f"principal:{principal.id}", limit)
-                if not decision.allowed:
-                    raise RateLimitedError(
-                        f"rate limit of {limit} exceeded; retry in {decision.retry_after:.2f} s",
-                        retry_after=decision.retry_after, limit=limit.count,
-                        reset_after=decision.reset_after,
-                    )
-            if scope not in principal.scopes and not principal.is_admin:
-                raise PermissionDeniedError(f"this key lacks the {scope!r} scope")
-            return principal
+            return await self._authorize(api_key, info, scope)
+
+    async def validate_submission(
+        self, api_key: str | None, info: RequestInfo, requests: Sequence[SubmitRequest]
+    ) -> tuple[Principal, list[SanitizedRequest]]:
+        """``authorize`` plus sanitizing every robot, timed as one ``security.validate``."""
+        with self.tracker.measure("security.validate"):
+            principal = await self._authorize(api_key, info, "robots:write")
+            try:
+                return principal, await self._sanitize(requests, principal)
+            except RobotFrameworkError as exc:
+                exc.principal_id = principal.id
+                raise
+
+    async def _authorize(self, api_key: str | None, info: RequestInfo, scope: str) -> Principal:
+        principal = await self._authenticate(api_key, info)
+        limit = self.settings.rate_limit
+        if limit is not None:
+            decision = await self.limiter.check(f"principal:{principal.id}", limit)
+            if not decision.allowed:
+                error = RateLimitedError(
+                    f"rate limit of {limit} exceeded; retry in {decision.retry_after:.2f} s",
+                    retry_after=decision.retry_after, limit=limit.count,
+                    reset_after=decision.reset_after,
+                )
+                error.principal_id = principal.id
+                raise error
+        if scope not in principal.scopes and not principal.is_admin:
+            denied = PermissionDeniedError(f"this key lacks the {scope!r} scope")
+            denied.principal_id = principal.id
+            raise denied
+        return principal
 
     async def _authenticate(self, api_key: str | None, info: RequestInfo) -> Principal:
-        failure_limit = self.settings.auth_failure_limit
-        client_key = f"authfail:{info.client or 'unknown'}"
         if api_key is None:
             raise AuthenticationError(
                 "an API key is required: send it as X-API-Key or Authorization: Bearer"
             )
-        outcome = self.orchestrator.pm.hook.authenticate(
-            credential=api_key, orchestrator=self.orchestrator
-        )
-        principal = await await_me_maybe(outcome)
-        if principal is None:
-            if failure_limit is not None:
-                decision = await self.limiter.check(client_key, failure_limit)
-                if not decision.allowed:
-                    raise RateLimitedError(
-                        "too many failed authentications from this address; retry in "
-                        f"{decision.retry_after:.0f} s",
-                        retry_after=decision.retry_after, limit=failure_limit.count,
-                        reset_after=decision.reset_after,
-                    )
-            raise AuthenticationError("the API key is not valid")
+        try:
+            principal = await call_first_result(
+                self.orchestrator.pm.hook.authenticate,
+                credential=api_key, orchestrator=self.orchestrator,
+            )
+            if principal is None:
+                raise AuthenticationError("the API key is not valid")
+        except AuthenticationError:
+            await self._count_failure(info)
+            raise
         if not isinstance(principal, Principal):
             raise TypeError("an authenticate hook must return a Principal or None")
         return principal
 
-    async def build_robots(
+    async def _count_failure(self, info: RequestInfo) -> None:
+        """Failed authentications are limited per client address (slows key guessing)."""
+        limit = self.settings.auth_failure_limit
+        if limit is None:
+            return
+        decision = await self.limiter.check(f"authfail:{info.client or 'unknown'}", limit)
+        if not decision.allowed:
+            raise RateLimitedError(
+                "too many failed authentications from this address; retry in "
+                f"{decision.retry_after:.0f} s",
+                retry_after=decision.retry_after, limit=limit.count,
+                reset_after=decision.reset_after,
+            )
+
+    async def _sanitize(
         self, requests: Sequence[SubmitRequest], principal: Principal
-    ) -> list[Robot]:
-        """Sanitize every request and turn it into a queued robot with its module."""
+    ) -> list[SanitizedRequest]:
         if not requests:
             raise ValidationError("submit at least one robot", path="$.robots")
         orch = self.orchestrator
-        if orch.balancer.remote_stale:
-            await orch.refresh_modules()
         known = orch.balancer.known_kinds()
-        robots = []
-        now = utcnow()
-        with self.tracker.measure("security.validate"):
-            prepared = []
-            for i, request in enumerate(requests):
-                prefix = "$" if len(requests) == 1 else f"$.robots[{i}]"
-                try:
-                    kind = validate_kind(request.kind, known)
-                    payload = sanitize_payload(request.payload, self.limits)
-                    priority = validate_priority(request.priority)
-                    idem = validate_idempotency_key(request.idempotency_key)
-                    refusal = await await_me_maybe(orch.pm.hook.validate_robot(
-                        kind=kind, payload=payload, principal=principal))
+        if orch.balancer.remote_stale or any(r.kind not in known for r in requests):
+            # A kind we do not know yet may have been registered by another process.
+            await orch.refresh_modules()
+            known = orch.balancer.known_kinds()
+        hook = orch.pm.hook.validate_robot
+        check_hook = bool(hook.get_hookimpls())
+        sanitized = []
+        for i, request in enumerate(requests):
+            try:
+                kind = validate_kind(request.kind, known)
+                payload = sanitize_payload(request.payload, self.limits)
+                item = SanitizedRequest(
+                    kind=kind, payload=payload, priority=validate_priority(request.priority),
+                    idempotency_key=validate_idempotency_key(request.idempotency_key),
+                    delay=validate_delay(request.delay),
+                )
+                if check_hook:
+                    refusal = await call_first_result(
+                        hook, kind=kind, payload=payload, principal=principal)
                     if refusal is not None:
                         raise ValidationError(str(refusal), path="$.payload")
-                except RobotFrameworkError as exc:
-                    _prefix_path(exc, prefix)
-                    raise
-                prepared.append((kind, payload, priority, idem, request.delay))
-        for kind, payload, priority, idem, delay in prepared:
-            module_name = orch.balancer.select(kind)
-            module = orch.modules.get(module_name)
-            max_attempts = (
-                module.max_attempts if module is not None and module.max_attempts
-                else orch.settings.resilience.default_max_attempts
-            )
-            robots.append(Robot(
-                id=new_id(), kind=kind, payload=payload, owner=principal.id,
-                tenant=principal.tenant, status=RobotStatus.QUEUED, module=module_name,
-                max_attempts=max_attempts, priority=priority, idempotency_key=idem,
-                created_at=now, updated_at=now,
-                scheduled_at=now if not delay else now + timedelta(seconds=delay),
-            ))
-        return robots
+            except RobotFrameworkError as exc:
+                if len(requests) > 1:
+                    _prefix_path(exc, f"$.robots[{i}]")
+                raise
+            sanitized.append(item)
+        return sanitized
 
     def audit_refusal(
         self, action: str, principal: Principal | None, target: str | None, info: RequestInfo,
@@ -179,14 +206,14 @@ class SecurityValidator:
     ) -> None:
         self.audit.record(
             action=action, outcome=f"refused:{exc.type}",
-            principal=None if principal is None else principal.id, target=target,
+            principal=exc.principal_id if principal is None else principal.id, target=target,
             client=info.client, request_id=info.request_id, details={"status": exc.status},
         )
 
 
 def _prefix_path(exc: RobotFrameworkError, prefix: str) -> None:
     """Point a batch item's error at its place in the batch (``$.robots[3].payload``)."""
-    if prefix == "$" or not isinstance(exc, ValidationError) or exc.path is None:
+    if not isinstance(exc, ValidationError) or exc.path is None:
         return
     path = prefix + exc.path[1:] if exc.path.startswith("$") else exc.path
     exc.path = path

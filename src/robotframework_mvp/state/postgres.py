@@ -2,8 +2,8 @@
 
 It owns two psycopg 3 connection pools: a write pool on the primary and, when
 ``StorageConfig.read_url`` is set, a read pool (a replica) that falls back to the write
-pool while it is down. Every robot transition is one conditional SQL statement (data
--modifying CTEs keep the robot and its execution in step), which PostgreSQL runs as one
+pool while it is down. Every robot transition is one conditional SQL statement (CTEs
+that write keep the robot and its execution in step), which PostgreSQL runs as one
 transaction in one round trip; the few multi-statement steps (migrations, audit appends)
 use explicit transactions. Claims use ``FOR UPDATE SKIP LOCKED``; statements that queue
 work ``pg_notify`` a channel named after the schema, which ``listen`` turns into wake-ups.
@@ -40,7 +40,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
 from ..config import StorageConfig
-from ..errors import ServiceUnavailableError
+from ..errors import ConfigError, ServiceUnavailableError
 from ..models import (
     AuditEvent,
     ErrorInfo,
@@ -111,6 +111,16 @@ def describe_url(url: str) -> str:
     host = params.get("host") or "localhost"
     port = params.get("port") or "5432"
     return f"postgresql://{f'{user}@' if user else ''}{host}:{port}/{params.get('dbname') or ''}"
+
+
+def _parse_url(url: str, variable: str) -> dict[str, Any]:
+    try:
+        return conninfo_to_dict(url)
+    except psycopg.Error:
+        # Never echo the URL: it may hold a password.
+        raise ConfigError(
+            f"{variable} is not a valid PostgreSQL URL; use postgresql://USER@HOST:PORT/DB"
+        ) from None
 
 
 def _schema_of(url: str) -> str | None:
@@ -209,8 +219,10 @@ class PostgresDriver:
         self.config = config
         #: what messages and logs show of the URL
         self.safe_url = describe_url(url)
-        params = conninfo_to_dict(url)
-        self._password = str(params.get("password") or "")
+        params = _parse_url(url, "RFMVP_STORAGE_URL")
+        read_params = _parse_url(config.read_url, "RFMVP_STORAGE_READ_URL") if config.read_url \
+            else {}
+        self._passwords = {str(p.get("password") or "") for p in (params, read_params)} - {""}
         schema = _schema_of(url)
         #: names this driver's sessions in pg_stat_activity (the URL's own name wins)
         self.application_name: str = str(
@@ -247,7 +259,9 @@ class PostgresDriver:
         )
 
     def _scrub(self, text: str) -> str:
-        return text.replace(self._password, "***") if self._password else text
+        for password in self._passwords:
+            text = text.replace(password, "***")
+        return text
 
     def _unavailable(self, exc: BaseException, doing: str = "") -> ServiceUnavailableError:
         text = str(exc).strip()

@@ -1,0 +1,90 @@
+"""A demo server: the FastAPI app with the demo modules, on uvicorn.
+
+    python examples/server.py
+
+Reads ``RFMVP_HOST`` / ``RFMVP_PORT`` (default 127.0.0.1:8000) and every other setting
+from the environment (``Settings.from_env()``). Without ``RFMVP_API_KEYS`` it makes a
+demo key for the principal "demo" and prints it, with a ready-to-paste curl command.
+Ctrl-C or SIGTERM stops it gracefully (running robots get a grace period).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+import attrs
+import uvicorn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # fastapi_app, modules.demo
+
+import fastapi_app
+from modules import demo
+from robotframework_mvp import ConfigError, Settings, StaticKey
+
+log = logging.getLogger("rfmvp.server")
+
+EXAMPLE = """{"kind":"echo","payload":{"hello":"world"},"wait":5}"""
+
+
+def _address() -> tuple[str, int]:
+    host = os.environ.get("RFMVP_HOST", "127.0.0.1").strip() or "127.0.0.1"
+    port_text = os.environ.get("RFMVP_PORT", "8000").strip()
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigError("RFMVP_PORT has a bad value; expected a port number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _with_demo_key(settings: Settings) -> tuple[Settings, str | None]:
+    """Settings with a fresh demo key when no key is configured, and that key."""
+    if settings.security.api_keys:
+        return settings, None
+    key = secrets.token_urlsafe(24)
+    security = attrs.evolve(settings.security, api_keys=(StaticKey("demo", key),))
+    return attrs.evolve(settings, security=security), key
+
+
+def banner(url: str, key: str | None) -> str:
+    lines = ["", "robotframework-mvp demo server", f"  URL:     {url}  (API docs: {url}/docs)"]
+    if key is None:
+        lines.append("  API key: one of RFMVP_API_KEYS")
+        key = "YOUR_KEY"
+    else:
+        lines.append(f'  API key: {key}  (principal "demo"; set RFMVP_API_KEYS for your own)')
+    lines += ["  Try:", f"    curl -s -X POST {url}/api/v1/robots -H \"X-API-Key: {key}\" "
+              f"-H 'content-type: application/json' -d '{EXAMPLE}'", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        host, port = _address()
+        settings, key = _with_demo_key(Settings.from_env())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    app = fastapi_app.create_app(settings, plugins=[demo])  # echo, sleep + their validation
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    shown = f"[{shown}]" if ":" in shown else shown
+    print(banner(f"http://{shown}:{port}", key), flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None,
+                                           timeout_graceful_shutdown=10))
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then raises the signal again to
+    # give it its default effect; the shutdown was clean, so let that raise do nothing.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if not server.started:
+        log.error("the server did not start (see the errors above)")
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""What only the PostgreSQL driver promises: replica fallback, surviving dropped
+connections, safe error messages, and LISTEN/NOTIFY wake-ups across processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import psycopg
+import pytest
+
+from robotframework_mvp.config import StorageConfig
+from robotframework_mvp.errors import ServiceUnavailableError
+from robotframework_mvp.models import Robot, RobotStatus, new_id, utcnow
+from robotframework_mvp.state.driver import Completion
+from robotframework_mvp.state.postgres import PostgresDriver
+
+pytestmark = pytest.mark.anyio
+
+
+def with_port(url: str, port: int, password: str | None = None) -> str:
+    parts = urlsplit(url)
+    user = parts.username or ""
+    auth = f"{user}:{password}@" if password else (f"{user}@" if user else "")
+    return urlunsplit(parts._replace(netloc=f"{auth}{parts.hostname}:{port}"))
+
+
+def closed_port() -> int:
+    """A local TCP port nobody listens on (connections are refused at once)."""
+    return 1
+
+
+def make_robot(**changes: Any) -> Robot:
+    fields: dict[str, Any] = {
+        "id": new_id(), "kind": "ocr", "payload": {"n": 1}, "owner": "alice",
+        "tenant": "acme", "status": RobotStatus.QUEUED, "module": "ocr-fast",
+        "scheduled_at": utcnow() - timedelta(seconds=1),
+    }
+    fields.update(changes)
+    return Robot(**fields)
+
+
+@pytest.fixture
+async def open_driver(
+    postgres_url: str, anyio_backend: str
+) -> AsyncIterator[Callable[..., Any]]:
+    """Opens (and later closes) drivers on this test's schema; the first one migrates."""
+    opened: list[PostgresDriver] = []
+
+    async def build(**config: Any) -> PostgresDriver:
+        driver = PostgresDriver(postgres_url, StorageConfig(url=postgres_url, **config))
+        await driver.open()
+        opened.append(driver)
+        if len(opened) == 1:
+            await driver.migrate()
+        return driver
+
+    try:
+        yield build
+    finally:
+        for driver in opened:
+            await driver.close()
+
+
+def terminate_sessions(url: str, application_name: str) -> int:
+    """pg_terminate_backend every session of one driver; wait until they are gone."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid() AND application_name = %s",
+            (application_name,),
+        ).fetchall()
+    return sum(1 for (ok,) in rows if ok)
+
+
+# --- read replica -------------------------------------------------------------------------
+
+
+async def test_reads_fall_back_to_the_write_pool_when_the_replica_is_unreachable(
+    postgres_url: str, open_driver: Callable[..., Any]
+) -> None:
+    driver = await open_driver(read_url=with_port(postgres_url, closed_port()), timeout=2.0)
+    robot = make_robot()
+    await driver.create_robots([robot])
+    assert await driver.get_robot(robot.id) == robot
+    listed = await driver.list_robots(tenant="acme", status=None, kind=None, limit=10,
+                                      before_id=None)
+    assert [r.id for r in listed] == [robot.id]
+    assert await driver.count_robots() == {("ocr", "queued"): 1}
+    assert driver.read_fallbacks >= 3
+
+
+async def test_reads_use_a_working_replica_without_falling_back(
+    postgres_url: str, open_driver: Callable[..., Any]
+) -> None:
+    driver = await open_driver(read_url=postgres_url)
+    robot = make_robot()
+    await driver.create_robots([robot])
+    assert await driver.get_robot(robot.id) == robot
+    assert driver.read_fallbacks == 0
+
+
+# --- dropped connections and dead servers -------------------------------------------------
+
+
+async def test_calls_succeed_after_the_server_terminated_every_pooled_connection(
+    postgres_url: str, open_driver: Callable[..., Any]
+) -> None:
+    driver = await open_driver(pool_min_size=3)
+    robot = make_robot()
+    await driver.create_robots([robot])
+    killed = await anyio.to_thread.run_sync(
+        terminate_sessions, postgres_url, driver.application_name
+    )
+    assert killed >= 1
+    assert await driver.get_robot(robot.id) == robot
+
+    await anyio.to_thread.run_sync(terminate_sessions, postgres_url, driver.application_name)
+    now = utcnow()
+    [claim] = await driver.claim_robots(module="ocr-fast", limit=5, worker="w", now=now,
+                                        lease_expires_at=now + timedelta(seconds=30))
+    assert claim.robot.id == robot.id
+
+
+async def test_a_create_retried_after_its_insert_committed_returns_the_robot_as_created(
+    open_driver: Callable[..., Any],
+) -> None:
+    # What a retry sees when the first attempt committed but its connection died before
+    # the answer arrived: the robot is there under our own id, so it is ours.
+    driver = await open_driver()
+    robot = make_robot(idempotency_key="order-1")
+    assert await driver.create_robots([robot]) == [(robot, True)]
+    assert await driver.create_robots([robot]) == [(robot, True)]
+    other = make_robot(idempotency_key="order-1")
+    assert await driver.create_robots([other]) == [(robot, False)]
+
+
+async def test_an_unreachable_server_is_reported_as_unavailable_without_the_password(
+    postgres_url: str, anyio_backend: str
+) -> None:
+    url = with_port(postgres_url, closed_port(), password="s3cr3t-Pa55")
+    driver = PostgresDriver(url, StorageConfig(url=url, timeout=1.0))
+    with pytest.raises(ServiceUnavailableError) as info:
+        await driver.open()
+    message = str(info.value)
+    assert "s3cr3t-Pa55" not in message
+    assert "s3cr3t-Pa55" not in repr(info.value.to_dict())
+    assert f":{closed_port()}/" in message
+    await driver.close()
+
+
+async def test_calls_on_a_closed_driver_are_reported_as_unavailable(
+    open_driver: Callable[..., Any],
+) -> None:
+    driver = await open_driver()
+    await driver.close()
+    with pytest.raises(ServiceUnavailableError):
+        await driver.get_robot(new_id())
+    await driver.close()  # closing twice is fine
+
+
+# --- LISTEN / NOTIFY ----------------------------------------------------------------------
+
+
+class Wakeups:
+    """Counts ``on_notify`` calls; ``next()`` waits at most one second for the next one."""
+
+    def __init__(self) -> None:
+        self.send, self.receive = anyio.create_memory_object_stream[None](math.inf)
+
+    def __call__(self) -> None:
+        self.send.send_nowait(None)
+
+    async def next(self, timeout: float = 1.0) -> None:
+        with anyio.fail_after(timeout):
+            await self.receive.receive()
+
+
+@pytest.fixture
+async def listening(
+    open_driver: Callable[..., Any],
+) -> AsyncIterator[tuple[PostgresDriver, PostgresDriver, Wakeups]]:
+    """A listening driver, another driver (another process) that writes, and the wake-ups."""
+    listener = await open_driver()
+    writer = await open_driver()
+    wakeups = Wakeups()
+    async with anyio.create_task_group() as tg:
+        await tg.start(listener.listen, wakeups)
+        yield listener, writer, wakeups
+        tg.cancel_scope.cancel()
+
+
+async def test_listen_wakes_within_a_second_when_another_process_creates_a_robot(
+    listening: tuple[PostgresDriver, PostgresDriver, Wakeups],
+) -> None:
+    _, writer, wakeups = listening
+    await writer.create_robots([make_robot()])
+    await wakeups.next()
+
+
+async def test_listen_wakes_on_every_path_that_puts_a_robot_back_in_the_queue(
+    listening: tuple[PostgresDriver, PostgresDriver, Wakeups],
+) -> None:
+    _, writer, wakeups = listening
+    robot = make_robot(max_attempts=5)
+    await writer.create_robots([robot])
+    await wakeups.next()
+
+    async def claim(lease: float = 30) -> str:
+        now = utcnow()
+        [c] = await writer.claim_robots(module="ocr-fast", limit=1, worker="w", now=now,
+                                        lease_expires_at=now + timedelta(seconds=lease))
+        return c.execution.id
+
+    token = await claim()
+    await writer.complete(Completion(
+        robot_id=robot.id, lease_token=token, status=RobotStatus.QUEUED,
+        execution_status="failed", finished_at=utcnow(), duration_ms=1.0,
+        scheduled_at=utcnow(),
+    ))
+    await wakeups.next()
+
+    token = await claim()
+    assert await writer.release_robots([(robot.id, token)], utcnow()) == 1
+    await wakeups.next()
+
+    await claim(lease=-1)
+    assert [r.status for r in await writer.reap_expired_leases(utcnow())] == [
+        RobotStatus.QUEUED]
+    await wakeups.next()
+
+    token = await claim()
+    await writer.complete(Completion(
+        robot_id=robot.id, lease_token=token, status=RobotStatus.FAILED,
+        execution_status="failed", finished_at=utcnow(), duration_ms=1.0,
+    ))
+    assert await writer.requeue_robot(robot.id, utcnow(), 1) is not None
+    await wakeups.next()
+
+
+async def test_listen_reconnects_after_its_connection_is_terminated(
+    postgres_url: str, listening: tuple[PostgresDriver, PostgresDriver, Wakeups],
+) -> None:
+    listener, writer, wakeups = listening
+    await anyio.to_thread.run_sync(terminate_sessions, postgres_url, listener.application_name)
+    # Notifications sent while it was away are lost, so it wakes once on reconnecting...
+    await wakeups.next(timeout=5)
+    # ...and then hears new robots again.
+    await writer.create_robots([make_robot()])
+    await wakeups.next()

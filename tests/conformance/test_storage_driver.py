@@ -1,0 +1,733 @@
+"""Specification of a storage driver: every driver (SQLite, PostgreSQL) passes this suite.
+
+Each test gets a fresh store (a new SQLite file, or a new PostgreSQL schema), built the
+way an application builds it: through the built-in plugin, from a URL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import attrs
+import psycopg
+import pytest
+
+from robotframework_mvp.config import Settings, StorageConfig
+from robotframework_mvp.models import (
+    AuditEvent,
+    ErrorInfo,
+    ExecutionStatus,
+    ModuleRecord,
+    Robot,
+    RobotStatus,
+    new_id,
+    utcnow,
+)
+from robotframework_mvp.plugins import BuiltinPlugin
+from robotframework_mvp.security.audit import verify_chain
+from robotframework_mvp.state.driver import Claim, Completion, StorageDriver
+from robotframework_mvp.state.queries import load_migrations
+from robotframework_mvp.state.sqlite import sqlite_path
+
+pytestmark = pytest.mark.anyio
+
+LEASE = timedelta(seconds=30)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def build_driver(url: str) -> StorageDriver:
+    driver = BuiltinPlugin().storage_driver(url, Settings(storage=StorageConfig(url=url)))
+    assert driver is not None, f"no built-in driver serves {url}"
+    return driver
+
+
+@pytest.fixture
+async def driver(storage_url: str, anyio_backend: str) -> AsyncIterator[StorageDriver]:
+    built = build_driver(storage_url)
+    await built.open()
+    try:
+        await built.migrate()
+        yield built
+    finally:
+        await built.close()
+
+
+def raw_sql(url: str, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Run ``statement`` (``?`` placeholders) on our own connection, behind the driver's back."""
+    if url.startswith("sqlite"):
+        with contextlib.closing(sqlite3.connect(sqlite_path(url))) as conn:
+            rows = conn.execute(statement, params).fetchall()
+            conn.commit()
+            return rows
+    with psycopg.connect(url, autocommit=True) as pg:
+        cur = pg.execute(statement.replace("?", "%s"), params)
+        return list(cur.fetchall()) if cur.description else []
+
+
+async def run_sql(url: str, statement: str, *params: Any) -> list[tuple[Any, ...]]:
+    return await anyio.to_thread.run_sync(raw_sql, url, statement, params)
+
+
+def make_robot(**changes: Any) -> Robot:
+    fields: dict[str, Any] = {
+        "id": new_id(),
+        "kind": "ocr",
+        "payload": {"document": "invoice.pdf"},
+        "owner": "alice",
+        "tenant": "acme",
+        "status": RobotStatus.QUEUED,
+        "module": "ocr-fast",
+        "scheduled_at": utcnow() - timedelta(seconds=1),
+    }
+    fields.update(changes)
+    return Robot(**fields)
+
+
+async def create(driver: StorageDriver, *robots: Robot) -> list[Robot]:
+    created = await driver.create_robots(robots)
+    assert all(new for _, new in created)
+    return [robot for robot, _ in created]
+
+
+async def claim(
+    driver: StorageDriver,
+    module: str = "ocr-fast",
+    *,
+    limit: int = 10,
+    now: datetime | None = None,
+    lease_expires_at: datetime | None = None,
+    worker: str = "worker-1",
+) -> list[Claim]:
+    now = now or utcnow()
+    return await driver.claim_robots(
+        module=module, limit=limit, worker=worker, now=now,
+        lease_expires_at=lease_expires_at or now + LEASE,
+    )
+
+
+async def claim_one(driver: StorageDriver, robot: Robot, **kwargs: Any) -> Claim:
+    claims = await claim(driver, robot.module or "ocr-fast", **kwargs)
+    assert [c.robot.id for c in claims] == [robot.id]
+    return claims[0]
+
+
+def completion(c: Claim, status: RobotStatus, **changes: Any) -> Completion:
+    fields: dict[str, Any] = {
+        "robot_id": c.robot.id,
+        "lease_token": c.execution.id,
+        "status": status,
+        "execution_status": "succeeded" if status is RobotStatus.SUCCEEDED else "failed",
+        "finished_at": utcnow(),
+        "duration_ms": 12.5,
+    }
+    fields.update(changes)
+    return Completion(**fields)
+
+
+async def stored(driver: StorageDriver, robot_id: str) -> Robot:
+    robot = await driver.get_robot(robot_id)
+    assert robot is not None
+    return robot
+
+
+def audit_event(n: int, **changes: Any) -> AuditEvent:
+    fields: dict[str, Any] = {
+        "ts": utcnow(), "principal": "alice", "action": "robots.create",
+        "target": f"robot-{n}", "outcome": "accepted", "client": "10.0.0.1",
+        "request_id": f"req-{n}", "details": {"n": n, "kind": "ocr", "note": "héllo ✓"},
+    }
+    fields.update(changes)
+    return AuditEvent(**fields)
+
+
+def ids(robots: Sequence[Robot]) -> list[str]:
+    return [r.id for r in robots]
+
+
+# --- schema -------------------------------------------------------------------------------
+
+
+async def test_migrate_again_applies_nothing(driver: StorageDriver) -> None:
+    assert await driver.migrate() == []
+
+
+async def test_migrations_run_at_once_by_many_processes_apply_the_schema_once(
+    storage_url: str,
+) -> None:
+    drivers = [build_driver(storage_url) for _ in range(4)]
+    results: list[list[int]] = []
+    try:
+        for d in drivers:
+            await d.open()
+
+        async def migrate(d: StorageDriver) -> None:
+            results.append(await d.migrate())
+
+        async with anyio.create_task_group() as tg:
+            for d in drivers:
+                tg.start_soon(migrate, d)
+        versions = [v for v, _, _ in load_migrations(
+            "sqlite" if storage_url.startswith("sqlite") else "postgres")]
+        assert sorted(v for applied in results for v in applied) == versions
+        rows = await run_sql(storage_url, "SELECT version FROM schema_migrations")
+        assert sorted(r[0] for r in rows) == versions
+        await create(drivers[0], make_robot())
+    finally:
+        for d in drivers:
+            await d.close()
+
+
+# --- creating and reading robots ----------------------------------------------------------
+
+
+async def test_a_created_robot_reads_back_with_every_field(driver: StorageDriver) -> None:
+    robot = make_robot(
+        kind="mail.read",
+        payload={
+            "subject": "Grüße aus Köln — 日本語 🤖",
+            "nested": {"list": [1, 2.5, None, True, {"deep": ["x", {"y": -7}]}], "empty": {}},
+            "quote": "it's \"quoted\" \\ backslash",
+        },
+        owner="bob",
+        tenant="globex",
+        module="mail",
+        priority=7,
+        max_attempts=5,
+        idempotency_key="order-42",
+    )
+    [(created, new)] = await driver.create_robots([robot])
+    assert new
+    assert created == robot
+    assert await driver.get_robot(robot.id) == robot
+
+
+async def test_an_unknown_robot_reads_as_none(driver: StorageDriver) -> None:
+    assert await driver.get_robot(new_id()) is None
+
+
+async def test_one_robot_is_stored_for_50_concurrent_submissions_with_one_idempotency_key(
+    driver: StorageDriver,
+) -> None:
+    results: list[tuple[Robot, bool]] = []
+
+    async def submit() -> None:
+        results.extend(await driver.create_robots([make_robot(idempotency_key="same-key")]))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(50):
+            tg.start_soon(submit)
+
+    listed = await driver.list_robots(tenant="acme", status=None, kind=None, limit=100,
+                                      before_id=None)
+    assert len(listed) == 1
+    assert len(results) == 50
+    assert {robot.id for robot, _ in results} == {listed[0].id}
+    assert sum(new for _, new in results) == 1
+
+
+async def test_the_same_idempotency_key_from_two_owners_makes_two_robots(
+    driver: StorageDriver,
+) -> None:
+    a = make_robot(owner="alice", idempotency_key="k")
+    b = make_robot(owner="bob", idempotency_key="k")
+    assert [new for _, new in await driver.create_robots([a])] == [True]
+    assert [new for _, new in await driver.create_robots([b])] == [True]
+    assert await driver.get_robot(a.id) == a
+    assert await driver.get_robot(b.id) == b
+
+
+async def test_a_batch_stores_each_new_robot_and_returns_the_stored_one_for_a_known_key(
+    driver: StorageDriver,
+) -> None:
+    first = make_robot(idempotency_key="k1")
+    await create(driver, first)
+    again = make_robot(idempotency_key="k1")
+    fresh = make_robot(idempotency_key="k2")
+    plain = make_robot()
+    created = await driver.create_robots([again, fresh, plain])
+    assert [(r.id, new) for r, new in created] == [
+        (first.id, False), (fresh.id, True), (plain.id, True)
+    ]
+    assert await driver.get_robot(again.id) is None
+
+
+async def test_list_robots_filters_by_tenant_status_and_kind(driver: StorageDriver) -> None:
+    a = make_robot(tenant="acme", kind="ocr")
+    b = make_robot(tenant="acme", kind="mail")
+    c = make_robot(tenant="globex", kind="ocr")
+    d = make_robot(tenant="acme", kind="ocr", status=RobotStatus.PENDING)
+    await create(driver, a, b, c, d)
+
+    async def listed(**filters: Any) -> set[str]:
+        args: dict[str, Any] = {"tenant": None, "status": None, "kind": None, "limit": 50,
+                                "before_id": None}
+        args.update(filters)
+        return {r.id for r in await driver.list_robots(**args)}
+
+    assert await listed() == {a.id, b.id, c.id, d.id}
+    assert await listed(tenant="acme") == {a.id, b.id, d.id}
+    assert await listed(tenant="acme", kind="ocr") == {a.id, d.id}
+    assert await listed(tenant="acme", kind="ocr", status=RobotStatus.QUEUED) == {a.id}
+    assert await listed(status=RobotStatus.PENDING) == {d.id}
+    assert await listed(tenant="initech") == set()
+
+
+async def test_list_robots_is_newest_first_and_pages_without_repeats_or_gaps(
+    driver: StorageDriver,
+) -> None:
+    robots = [make_robot() for _ in range(23)]
+    await create(driver, *robots)
+    pages: list[list[str]] = []
+    before: str | None = None
+    while True:
+        page = await driver.list_robots(tenant="acme", status=None, kind=None, limit=5,
+                                        before_id=before)
+        if not page:
+            break
+        assert len(page) <= 5
+        pages.append(ids(page))
+        before = page[-1].id
+    seen = [i for page in pages for i in page]
+    assert seen == sorted((r.id for r in robots), reverse=True)
+    assert [len(p) for p in pages] == [5, 5, 5, 5, 3]
+
+
+# --- claims -------------------------------------------------------------------------------
+
+
+async def test_concurrent_claimers_claim_each_robot_exactly_once(driver: StorageDriver) -> None:
+    robots = [make_robot() for _ in range(200)]
+    await create(driver, *robots)
+    claimed: list[str] = []
+
+    async def claimer(n: int) -> None:
+        while batch := await claim(driver, limit=7, worker=f"worker-{n}"):
+            claimed.extend(c.robot.id for c in batch)
+
+    async with anyio.create_task_group() as tg:
+        for n in range(8):
+            tg.start_soon(claimer, n)
+
+    assert len(claimed) == 200
+    assert set(claimed) == set(ids(robots))
+    assert await claim(driver) == []
+
+
+async def test_claim_takes_only_robots_of_its_module(driver: StorageDriver) -> None:
+    mine = make_robot(module="ocr-fast")
+    other = make_robot(module="ocr-slow")
+    await create(driver, mine, other)
+    assert [c.robot.id for c in await claim(driver, "ocr-fast")] == [mine.id]
+    assert (await stored(driver, other.id)).status is RobotStatus.QUEUED
+
+
+async def test_claim_takes_higher_priority_first_then_the_longest_waiting(
+    driver: StorageDriver,
+) -> None:
+    now = utcnow()
+    low_old = make_robot(priority=0, scheduled_at=now - timedelta(minutes=10))
+    high_new = make_robot(priority=5, scheduled_at=now - timedelta(seconds=1))
+    high_old = make_robot(priority=5, scheduled_at=now - timedelta(minutes=5))
+    low_new = make_robot(priority=0, scheduled_at=now - timedelta(seconds=2))
+    await create(driver, low_old, high_new, high_old, low_new)
+    first = await claim(driver, limit=3, now=now)
+    assert [c.robot.id for c in first] == [high_old.id, high_new.id, low_old.id]
+    assert [c.robot.id for c in await claim(driver, now=now)] == [low_new.id]
+
+
+async def test_claim_leaves_robots_that_are_not_due_yet(driver: StorageDriver) -> None:
+    now = utcnow()
+    later = make_robot(scheduled_at=now + timedelta(seconds=60))
+    await create(driver, later)
+    assert await claim(driver, now=now) == []
+    assert [c.robot.id for c in await claim(driver, now=now + timedelta(seconds=61))] == [
+        later.id
+    ]
+
+
+async def test_claim_takes_at_most_limit_robots(driver: StorageDriver) -> None:
+    await create(driver, *[make_robot() for _ in range(5)])
+    assert len(await claim(driver, limit=3)) == 3
+    assert len(await claim(driver, limit=3)) == 2
+
+
+async def test_claim_charges_an_attempt_and_records_an_execution_under_the_lease_token(
+    driver: StorageDriver,
+) -> None:
+    robot = make_robot()
+    await create(driver, robot)
+    now = utcnow()
+    c = await claim_one(driver, robot, now=now, worker="worker-7")
+    assert c.robot.status is RobotStatus.RUNNING
+    assert c.robot.attempts == 1
+    assert c.robot.lease_token == c.execution.id
+    assert c.robot.lease_expires_at == now + LEASE
+    assert c.robot.started_at == now
+    assert (c.execution.robot_id, c.execution.module, c.execution.attempt) == (
+        robot.id, "ocr-fast", 1)
+    assert (c.execution.status, c.execution.worker) == (ExecutionStatus.RUNNING, "worker-7")
+    assert await stored(driver, robot.id) == c.robot
+    assert await driver.list_executions(robot.id) == [c.execution]
+
+
+async def test_every_claim_gets_a_different_lease_token(driver: StorageDriver) -> None:
+    await create(driver, *[make_robot() for _ in range(10)])
+    tokens = [c.execution.id for c in await claim(driver)]
+    assert len(set(tokens)) == 10
+
+
+# --- progress and completion --------------------------------------------------------------
+
+
+async def test_progress_never_goes_down(driver: StorageDriver) -> None:
+    robot = make_robot()
+    await create(driver, robot)
+    c = await claim_one(driver, robot)
+    token = c.execution.id
+    up = await driver.update_progress(robot.id, token, 60, "most of it", utcnow())
+    assert up is not None
+    assert (up.progress, up.progress_message) == (60, "most of it")
+    down = await driver.update_progress(robot.id, token, 30, "late report", utcnow())
+    assert down is not None
+    assert down.progress == 60
+    assert (await stored(driver, robot.id)).progress == 60
+
+
+async def test_progress_under_a_wrong_lease_token_changes_nothing(driver: StorageDriver) -> None:
+    robot = make_robot()
+    await create(driver, robot)
+    await claim_one(driver, robot)
+    assert await driver.update_progress(robot.id, "not-my-lease", 50, "x", utcnow()) is None
+    assert (await stored(driver, robot.id)).progress == 0
+
+
+async def test_complete_under_a_wrong_lease_token_changes_nothing(driver: StorageDriver) -> None:
+    robot = make_robot()
+    await create(driver, robot)
+    c = await claim_one(driver, robot)
+    stolen = attrs.evolve(c.execution, id="not-my-lease")
+    assert await driver.complete(
+        completion(attrs.evolve(c, execution=stolen), RobotStatus.SUCCEEDED, result={"x": 1})
+    ) is None
+    assert await stored(driver, robot.id) == c.robot
+    assert [e.status for e in await driver.list_executions(robot.id)] == [
+        ExecutionStatus.RUNNING
+    ]
+
+
+async def test_complete_with_success_stores_the_result_and_ends_the_execution(
+    driver: StorageDriver,
+) -> None:
+    robot = make_robot()
+    await create(driver, robot)
+    c = await claim_one(driver, robot)
+    finished = utcnow()
+    done = await driver.complete(completion(
+        c, RobotStatus.SUCCEEDED, result={"text": "Σ total", "pages": [1, 2]},
+        finished_at=finished, duration_ms=42.0,
+    ))
+    assert done is not None
+    assert done.status is RobotStatus.SUCCEEDED
+    assert done.result == {"text": "Σ total", "pages": [1, 2]}
+    assert (done.progress, done.finished_at) == (100, finished)
+    assert (done.lease_token, done.lease_expires_at) == (None, None)
+    assert await stored(driver, robot.id) == done
+    [execution] = await driver.list_executions(robot.id)
+    assert (execution.status, execution.finished_at, execution.duration_ms) == (
+        ExecutionStatus.SUCCEEDED, finished, 42.0)
+
+
+async def test_complete_back_to_queued_schedules_the_retry_and_clears_the_lease(
+    driver: StorageDriver,
+) -> None:
+    robot = make_robot()
+    await create(driver, robot)
+    now = utcnow()
+    c = await claim_one(driver, robot, now=now)
+    retry_at = now + timedelta(seconds=60)
+    error = ErrorInfo("timeout", "the partner API did not answer")
+    queued = await driver.complete(completion(
+        c, RobotStatus.QUEUED, execution_status="failed", error=error,
+        scheduled_at=retry_at, module="ocr-slow",
+    ))
+    assert queued is not None
+    assert queued.status is RobotStatus.QUEUED
+    assert (queued.scheduled_at, queued.module, queued.error) == (retry_at, "ocr-slow", error)
+    assert (queued.lease_token, queued.lease_expires_at, queued.finished_at) == (None, None, None)
+    [execution] = await driver.list_executions(robot.id)
+    assert (execution.status, execution.error) == (ExecutionStatus.FAILED, error)
+    assert await claim(driver, "ocr-slow", now=now) == []
+    again = await claim(driver, "ocr-slow", now=retry_at)
+    assert [(a.robot.id, a.robot.attempts) for a in again] == [(robot.id, 2)]
+
+
+async def test_a_succeeded_robot_can_never_be_cancelled(driver: StorageDriver) -> None:
+    robot = make_robot()
+    await create(driver, robot)
+    c = await claim_one(driver, robot)
+    done = await driver.complete(completion(c, RobotStatus.SUCCEEDED, result={}))
+    assert await driver.cancel_robot(robot.id, utcnow()) is None
+    assert await stored(driver, robot.id) == done
+
+
+async def test_a_cancelled_robot_is_never_completed(driver: StorageDriver) -> None:
+    robot = make_robot()
+    await create(driver, robot)
+    c = await claim_one(driver, robot)
+    cancelled = await driver.cancel_robot(robot.id, utcnow())
+    assert cancelled is not None
+    for status in (RobotStatus.SUCCEEDED, RobotStatus.FAILED, RobotStatus.QUEUED):
+        assert await driver.complete(completion(c, status, result={"late": True})) is None
+    assert await stored(driver, robot.id) == cancelled
+
+
+async def test_cancel_a_queued_robot(driver: StorageDriver) -> None:
+    robot = make_robot()
+    await create(driver, robot)
+    now = utcnow()
+    cancelled = await driver.cancel_robot(robot.id, now)
+    assert cancelled is not None
+    assert (cancelled.status, cancelled.finished_at) == (RobotStatus.CANCELLED, now)
+    assert cancelled.error is not None
+    assert cancelled.error.type == "cancelled"
+    assert await claim(driver) == []
+    assert await driver.cancel_robot(robot.id, now) is None
+
+
+async def test_cancel_a_running_robot_ends_its_execution_and_the_worker_loses_its_lease(
+    driver: StorageDriver,
+) -> None:
+    robot = make_robot()
+    await create(driver, robot)
+    c = await claim_one(driver, robot)
+    cancelled = await driver.cancel_robot(robot.id, utcnow())
+    assert cancelled is not None
+    assert (cancelled.status, cancelled.lease_token) == (RobotStatus.CANCELLED, None)
+    [execution] = await driver.list_executions(robot.id)
+    assert execution.status is ExecutionStatus.CANCELLED
+    assert execution.finished_at is not None
+    token = c.execution.id
+    assert await driver.update_progress(robot.id, token, 90, "still going", utcnow()) is None
+    assert await driver.renew_leases([(robot.id, token)], utcnow() + LEASE) == set()
+    assert await driver.complete(completion(c, RobotStatus.SUCCEEDED, result={})) is None
+    assert await stored(driver, robot.id) == cancelled
+
+
+async def test_cancel_an_unknown_robot_returns_none(driver: StorageDriver) -> None:
+    assert await driver.cancel_robot(new_id(), utcnow()) is None
+
+
+# --- leases -------------------------------------------------------------------------------
+
+
+async def test_renew_leases_extends_and_returns_only_the_leases_still_held(
+    driver: StorageDriver,
+) -> None:
+    a, b, c = make_robot(), make_robot(), make_robot()
+    await create(driver, a, b, c)
+    claims = {x.robot.id: x for x in await claim(driver)}
+    await driver.complete(completion(claims[c.id], RobotStatus.SUCCEEDED, result={}))
+    later = utcnow() + timedelta(minutes=5)
+    held = await driver.renew_leases(
+        [(a.id, claims[a.id].execution.id), (b.id, "someone-elses-lease"),
+         (c.id, claims[c.id].execution.id), (new_id(), "no-such-robot")],
+        later,
+    )
+    assert held == {a.id}
+    assert (await stored(driver, a.id)).lease_expires_at == later
+    assert (await stored(driver, b.id)).lease_expires_at == claims[b.id].robot.lease_expires_at
+    assert await driver.renew_leases([], later) == set()
+
+
+async def test_release_hands_robots_back_without_charging_the_attempt(
+    driver: StorageDriver,
+) -> None:
+    a, b = make_robot(), make_robot()
+    await create(driver, a, b)
+    claims = await claim(driver)
+    now = utcnow()
+    leases = [(x.robot.id, x.execution.id) for x in claims]
+    assert await driver.release_robots([*leases, (new_id(), "nobody")], now) == 2
+    for robot in (a, b):
+        back = await stored(driver, robot.id)
+        assert (back.status, back.attempts, back.lease_token) == (RobotStatus.QUEUED, 0, None)
+        [execution] = await driver.list_executions(robot.id)
+        assert execution.status is ExecutionStatus.RELEASED
+        assert execution.finished_at == now
+    assert await driver.release_robots(leases, now) == 0
+    again = await claim(driver, now=now)
+    assert sorted(x.robot.attempts for x in again) == [1, 1]
+
+
+async def test_the_reaper_requeues_a_robot_whose_lease_expired_while_attempts_remain(
+    driver: StorageDriver,
+) -> None:
+    robot = make_robot(max_attempts=2)
+    await create(driver, robot)
+    now = utcnow()
+    c = await claim_one(driver, robot, now=now, lease_expires_at=now + timedelta(seconds=1))
+    assert await driver.reap_expired_leases(now) == []
+    reaped = await driver.reap_expired_leases(now + timedelta(seconds=2))
+    assert [(r.id, r.status, r.lease_token) for r in reaped] == [
+        (robot.id, RobotStatus.QUEUED, None)]
+    [execution] = await driver.list_executions(robot.id)
+    assert execution.status is ExecutionStatus.LOST
+    assert await driver.complete(completion(c, RobotStatus.SUCCEEDED, result={})) is None
+    again = await claim_one(driver, robot, now=now + timedelta(seconds=2))
+    assert again.robot.attempts == 2
+
+
+async def test_the_reaper_fails_a_robot_whose_lease_expired_on_its_last_attempt(
+    driver: StorageDriver,
+) -> None:
+    robot = make_robot(max_attempts=1)
+    await create(driver, robot)
+    now = utcnow()
+    await claim_one(driver, robot, now=now, lease_expires_at=now + timedelta(seconds=1))
+    later = now + timedelta(seconds=2)
+    [reaped] = await driver.reap_expired_leases(later)
+    assert (reaped.status, reaped.finished_at) == (RobotStatus.FAILED, later)
+    assert reaped.error is not None
+    assert reaped.error.type == "lease_expired"
+    assert await stored(driver, robot.id) == reaped
+    [execution] = await driver.list_executions(robot.id)
+    assert (execution.status, execution.error) == (ExecutionStatus.LOST, reaped.error)
+    assert await driver.reap_expired_leases(later) == []
+
+
+async def test_requeue_puts_a_failed_robot_back_with_more_attempts(driver: StorageDriver) -> None:
+    robot = make_robot(max_attempts=1)
+    await create(driver, robot)
+    c = await claim_one(driver, robot)
+    await driver.complete(completion(c, RobotStatus.FAILED, error=ErrorInfo("boom", "bad")))
+    now = utcnow()
+    requeued = await driver.requeue_robot(robot.id, now, 2)
+    assert requeued is not None
+    assert (requeued.status, requeued.max_attempts, requeued.error, requeued.finished_at) == (
+        RobotStatus.QUEUED, 3, None, None)
+    assert await driver.requeue_robot(robot.id, now, 2) is None
+    again = await claim_one(driver, robot, now=now)
+    assert again.robot.attempts == 2
+
+
+async def test_next_due_at_is_the_earliest_queued_robot_of_the_modules(
+    driver: StorageDriver,
+) -> None:
+    now = utcnow()
+    soon = make_robot(module="a", scheduled_at=now + timedelta(seconds=5))
+    later = make_robot(module="a", scheduled_at=now + timedelta(seconds=50))
+    earliest_elsewhere = make_robot(module="b", scheduled_at=now + timedelta(seconds=1))
+    await create(driver, soon, later, earliest_elsewhere)
+    assert await driver.next_due_at(["a"]) == soon.scheduled_at
+    assert await driver.next_due_at(["a", "b"]) == earliest_elsewhere.scheduled_at
+    assert await driver.next_due_at(["c"]) is None
+
+
+# --- modules ------------------------------------------------------------------------------
+
+
+async def test_upsert_modules_stores_then_replaces_module_records(driver: StorageDriver) -> None:
+    now = utcnow()
+    ocr = ModuleRecord(name="ocr", kinds=("ocr", "scan"), capacity=4)
+    mail = ModuleRecord(name="mail", kinds=("mail.read",), capacity=2, health="healthy",
+                        last_check_at=now, score=0.8, success_rate=0.95, latency_ewma_ms=12.5,
+                        circuit_state="closed", load=1)
+    await driver.upsert_modules([ocr, mail], now)
+    assert await driver.list_modules() == [mail, ocr]
+    sick = attrs.evolve(ocr, health="unhealthy", circuit_state="open", score=0.1, load=3)
+    await driver.upsert_modules([sick], now)
+    assert await driver.list_modules() == [mail, sick]
+
+
+# --- audit --------------------------------------------------------------------------------
+
+
+async def test_the_audit_trail_is_a_hash_chain_that_verifies(driver: StorageDriver) -> None:
+    first = await driver.append_audit([audit_event(1), audit_event(2)])
+    second = await driver.append_audit([audit_event(3, principal=None, target=None,
+                                                    client=None, details={})])
+    assert first[0].prev_hash is None
+    assert first[1].prev_hash == first[0].hash
+    assert second[0].prev_hash == first[1].hash
+    records = await driver.list_audit(after_seq=0, limit=100)
+    assert [event for _, event in records] == [*first, *second]
+    assert verify_chain(records, anchor=None) is None
+    tail = await driver.list_audit(after_seq=records[0][0], limit=1)
+    assert tail == [records[1]]
+
+
+async def test_a_tampered_audit_record_breaks_the_chain(
+    driver: StorageDriver, storage_url: str
+) -> None:
+    await driver.append_audit([audit_event(n) for n in range(5)])
+    records = await driver.list_audit(after_seq=0, limit=100)
+    victim = records[2][0]
+    await run_sql(storage_url, "UPDATE audit_log SET outcome = 'refused' WHERE seq = ?", victim)
+    assert verify_chain(await driver.list_audit(after_seq=0, limit=100), anchor=None) == victim
+
+
+async def test_concurrent_audit_appends_keep_one_unbroken_chain(driver: StorageDriver) -> None:
+    async def append(n: int) -> None:
+        await driver.append_audit([audit_event(n * 10 + i) for i in range(3)])
+
+    async with anyio.create_task_group() as tg:
+        for n in range(8):
+            tg.start_soon(append, n)
+    records = await driver.list_audit(after_seq=0, limit=1000)
+    assert len(records) == 24
+    assert verify_chain(records, anchor=None) is None
+
+
+# --- statistics and retention -------------------------------------------------------------
+
+
+async def test_count_robots_and_queue_stats(driver: StorageDriver) -> None:
+    now = utcnow()
+    await create(
+        driver,
+        make_robot(kind="ocr", scheduled_at=now - timedelta(seconds=30)),
+        make_robot(kind="ocr", scheduled_at=now - timedelta(seconds=10)),
+        make_robot(kind="mail", module="mail", scheduled_at=now + timedelta(seconds=60)),
+        make_robot(kind="mail", module="mail", status=RobotStatus.PENDING),
+    )
+    await claim(driver, limit=1, now=now)
+    assert await driver.count_robots() == {
+        ("ocr", "running"): 1, ("ocr", "queued"): 1, ("mail", "queued"): 1,
+        ("mail", "pending"): 1,
+    }
+    due, oldest = await driver.queue_stats(now)
+    assert due == 1
+    assert oldest == pytest.approx(10, abs=0.01)
+    assert await driver.queue_stats(now - timedelta(hours=1)) == (0, None)
+
+
+async def test_purge_deletes_only_robots_that_finished_before_the_cutoff(
+    driver: StorageDriver,
+) -> None:
+    now = utcnow()
+    old_done, new_done, old_waiting = make_robot(), make_robot(), make_robot()
+    await create(driver, old_done, new_done)
+    claims = {c.robot.id: c for c in await claim(driver, now=now)}
+    await driver.complete(completion(claims[old_done.id], RobotStatus.SUCCEEDED, result={},
+                                     finished_at=now - timedelta(days=40)))
+    await driver.complete(completion(claims[new_done.id], RobotStatus.SUCCEEDED, result={},
+                                     finished_at=now))
+    await create(driver, attrs.evolve(old_waiting, created_at=now - timedelta(days=90)))
+    await driver.append_audit([audit_event(1, ts=now - timedelta(days=40)),
+                               audit_event(2, ts=now)])
+
+    assert await driver.purge(now - timedelta(days=30)) == 1
+    assert await driver.get_robot(old_done.id) is None
+    assert await driver.list_executions(old_done.id) == []
+    assert (await stored(driver, new_done.id)).status is RobotStatus.SUCCEEDED
+    assert (await stored(driver, old_waiting.id)).status is RobotStatus.QUEUED
+    assert [e.request_id for _, e in await driver.list_audit(after_seq=0, limit=10)] == ["req-2"]
+    assert await driver.purge(now - timedelta(days=30)) == 0
