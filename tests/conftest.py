@@ -53,7 +53,7 @@ def postgres_url() -> Iterator[str]:
 
 
 @pytest.fixture
-def redis_url() -> Iterator[str]:
+def redis_url() -> str:
     try:
         import redis
     except ImportError as exc:  # pragma: no cover
@@ -65,7 +65,7 @@ def redis_url() -> Iterator[str]:
         client.close()
     except redis.RedisError as exc:
         _unavailable("Redis at " + REDIS_URL, exc)
-    yield REDIS_URL
+    return REDIS_URL
 
 
 @pytest.fixture

@@ -92,7 +92,7 @@ class BackgroundLoops:
                 name=name, kinds=module.kinds, capacity=module.capacity, health=st.health,
                 last_check_at=now, success_rate=st.success_rate,
                 latency_ewma_ms=st.latency_ewma_ms, circuit_state=st.circuit_state,
-                load=st.load,
+                load=st.load, max_attempts=module.max_attempts,
                 score=score_module(
                     health=st.health, circuit_state=st.circuit_state,
                     success_rate=st.success_rate, latency_ewma_ms=st.latency_ewma_ms,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 import attrs
 
 from .errors import ValidationError
-from .models import ModuleRecord
+from .models import ModuleRecord, utcnow
 from .modules import Module
 from .performance import PerformanceTracker
 
@@ -88,25 +88,40 @@ class LoadBalancer:
         tracker: PerformanceTracker,
         select_hook: Callable[[str, Sequence[Candidate]], str | None],
         refresh_seconds: float = 1.0,
+        stale_after: float = float("inf"),
     ) -> None:
         self.local_modules = local_modules
         self.stats = stats
         self.tracker = tracker
         self.select_hook = select_hook
         self.refresh_seconds = refresh_seconds
+        self.stale_after = stale_after
         self._remote: dict[str, ModuleRecord] = {}
         self._remote_loaded_at = float("-inf")
         self._candidates: dict[str, tuple[float, list[Candidate]]] = {}
 
     def set_remote_records(self, records: Sequence[ModuleRecord]) -> None:
         """Module records from the store (other processes' modules)."""
-        self._remote = {r.name: r for r in records if r.name not in self.local_modules}
+        # A record no live process has refreshed for a long time belongs to a module that
+        # is gone: sending it robots would leave them queued forever.
+        now = utcnow()
+        self._remote = {
+            r.name: r for r in records
+            if r.name not in self.local_modules and (
+                r.updated_at is None
+                or (now - r.updated_at).total_seconds() <= self.stale_after)
+        }
         self._remote_loaded_at = time.monotonic()
         self._candidates.clear()
 
     @property
     def remote_stale(self) -> bool:
         return time.monotonic() - self._remote_loaded_at > self.refresh_seconds
+
+    def max_attempts(self, module: str) -> int | None:
+        """The retry budget a remote module recorded (local modules are asked directly)."""
+        record = self._remote.get(module)
+        return None if record is None else record.max_attempts
 
     def known_kinds(self) -> set[str]:
         kinds = {k for m in self.local_modules.values() for k in m.kinds}

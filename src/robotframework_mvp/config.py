@@ -10,6 +10,7 @@ read from a file named by ``<VARIABLE>_FILE``, as Docker and Kubernetes mount se
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
@@ -33,6 +34,13 @@ __all__ = [
     "StorageConfig",
     "WorkerConfig",
 ]
+
+log = logging.getLogger(__name__)
+
+#: RFMVP_* variables read by the examples, tests and benchmarks rather than by Settings
+_NOT_SETTINGS = frozenset({
+    "HOST", "PORT", "REQUIRE_SERVICES", "TEST_POSTGRES_URL", "TEST_REDIS_URL", "LOG_LEVEL",
+})
 
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
 
@@ -182,13 +190,11 @@ class CacheConfig:
                                     _POS_FLOAT, "How long a robot's status stays cached."))
     ttl_module_choice: float = attrs.field(
         default=1.0, metadata=_var("RFMVP_CACHE_TTL_MODULE_CHOICE", _parse_positive_float,
-                                   _POS_FLOAT, "How long a module choice for a kind is reused."))
-    ttl_module_health: float = attrs.field(
-        default=30.0, metadata=_var("RFMVP_CACHE_TTL_MODULE_HEALTH", _parse_positive_float,
-                                    _POS_FLOAT, "How long a module health result is reused."))
+                                   _POS_FLOAT, "How long scored module candidates for a kind "
+                                   "(and other processes' module records) are reused."))
     ttl_stats: float = attrs.field(
         default=5.0, metadata=_var("RFMVP_CACHE_TTL_STATS", _parse_positive_float, _POS_FLOAT,
-                                   "How long computed statistics are reused."))
+                                   "How long robot counts shown by /metrics are reused."))
 
 
 @attrs.frozen
@@ -221,7 +227,8 @@ class SecurityConfig:
     )
     max_payload_bytes: int = attrs.field(
         default=64 * 1024, metadata=_var("RFMVP_MAX_PAYLOAD_BYTES", _parse_positive_int,
-                                         _POS_INT, "Largest request body, in bytes (413 above)."))
+                                         _POS_INT, "Largest payload, in bytes (413 above); a "
+                                         "request body may be 4 KiB larger for its envelope."))
     max_depth: int = attrs.field(
         default=32, metadata=_var("RFMVP_MAX_DEPTH", _parse_positive_int, _POS_INT,
                                   "Deepest nesting of objects and arrays in a payload."))
@@ -324,6 +331,19 @@ class Settings:
                       "functions and hook implementations)."),
     )
 
+    def __attrs_post_init__(self) -> None:
+        """Keyword-built settings get the same checks as environment ones."""
+        for section, field in _settings_fields():
+            value = getattr(self if section is None else getattr(self, section), field.name)
+            parse = field.metadata["parse"]
+            if parse in (_parse_positive_int, _parse_positive_float) and not (
+                isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+                and value != float("inf")
+            ):
+                raise ConfigError(
+                    f"{field.metadata['env']} has a bad value; expected {field.metadata['form']}"
+                )
+
     @classmethod
     def from_env(
         cls,
@@ -346,6 +366,14 @@ class Settings:
     def _from_mapping(cls, values: Mapping[str, str], prefix: str) -> Settings:
         sections: dict[str, dict[str, Any]] = {}
         top: dict[str, Any] = {}
+        known = {prefix + f.metadata["env"].removeprefix("RFMVP_") for _, f in _settings_fields()}
+        for name in sorted(values):
+            base = name.removesuffix("_FILE")
+            if name.startswith(prefix) and base not in known and base[len(prefix):] not in \
+                    _NOT_SETTINGS:
+                # A typo would otherwise leave a default in force without a word.
+                log.warning("%s is not a setting of robotframework-mvp; ignored (see "
+                            "`rfmvp config` for the list)", name)
         for section, field in _settings_fields():
             name = prefix + field.metadata["env"].removeprefix("RFMVP_")
             raw = _lookup(values, name)

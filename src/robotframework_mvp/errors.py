@@ -16,6 +16,7 @@ __all__ = [
     "LeaseLostError",
     "NotFoundError",
     "PayloadTooLargeError",
+    "PermanentError",
     "PermissionDeniedError",
     "RateLimitedError",
     "RobotFrameworkError",
@@ -117,6 +118,12 @@ class RateLimitedError(RobotFrameworkError):
 class ServiceUnavailableError(RobotFrameworkError):
     status = 503
     type = "service_unavailable"
+
+
+class PermanentError(RobotFrameworkError):
+    """Raise from a module to fail the robot now, without retrying (e.g. bad input)."""
+
+    type = "permanent_error"
 
 
 class LeaseLostError(RobotFrameworkError):

@@ -18,7 +18,7 @@ import attrs
 from .errors import PayloadTooLargeError, RobotFrameworkError, ValidationError
 from .models import Robot, new_id
 from .security.auth import credential_from_headers
-from .security.sanitize import parse_json_body, validate_wait
+from .security.sanitize import parse_json_body, validate_delay, validate_wait
 from .security.validator import SubmitRequest
 
 if TYPE_CHECKING:
@@ -111,7 +111,7 @@ class HttpApi:
         if "payload" not in data:
             raise ValidationError("payload is required (a JSON object)", path="$.payload")
         wait = validate_wait(data.get("wait"), self.orch.settings.security.max_wait_seconds)
-        delay = validate_wait(data.get("delay"), 86400.0 * 365)
+        delay = validate_delay(data.get("delay"))
         robot = (await self.orch.submit_many(
             [SubmitRequest(kind=data.get("kind"),  # type: ignore[arg-type]  # validated inside
                            payload=data["payload"], priority=data.get("priority", 0),
@@ -140,7 +140,7 @@ class HttpApi:
             if not isinstance(item, dict):
                 raise ValidationError("each robot must be a JSON object", path=f"$.robots[{i}]")
             _check_fields(item, _SUBMIT_FIELDS - {"wait"}, prefix=f"$.robots[{i}]")
-            delay = validate_wait(item.get("delay"), 86400.0 * 365)
+            delay = validate_delay(item.get("delay"))
             requests.append(SubmitRequest(
                 kind=item.get("kind"), payload=item.get("payload"),  # type: ignore[arg-type]
                 priority=item.get("priority", 0), idempotency_key=item.get("idempotency_key"),
@@ -204,7 +204,7 @@ class HttpApi:
             from .models import converter
 
             executions = await self.orch.executions(
-                robot_id, api_key=credential_from_headers(headers))
+                robot_id, api_key=credential_from_headers(headers), client=client)
             return HttpResponse(200, {"items": converter.unstructure(executions)})
 
         return await self._run(run())
@@ -212,7 +212,8 @@ class HttpApi:
     async def list_modules(self, headers: Mapping[str, str], client: str | None
                            ) -> HttpResponse:
         async def run() -> HttpResponse:
-            rows = await self.orch.module_table(api_key=credential_from_headers(headers))
+            rows = await self.orch.module_table(api_key=credential_from_headers(headers),
+                                                client=client)
             return HttpResponse(200, {"items": rows})
 
         return await self._run(run())
@@ -220,18 +221,30 @@ class HttpApi:
     # -- operations --------------------------------------------------------------------
 
     async def health(self) -> HttpResponse:
-        report = await self.orch.health()
-        return HttpResponse(200 if report["status"] != "down" else 503, report)
+        """Liveness: 503 only when the store is down (a degraded cache still serves)."""
+        async def run() -> HttpResponse:
+            report = await self.orch.health()
+            return HttpResponse(200 if report["status"] != "down" else 503, report)
+
+        return await self._run(run())
 
     async def ready(self) -> HttpResponse:
-        report = await self.orch.health()
-        return HttpResponse(200 if report["status"] == "ok" else 503, report)
+        """Readiness: 503 while the store is down or no module can take work."""
+        async def run() -> HttpResponse:
+            report = await self.orch.health()
+            ready = report["status"] != "down" and report["components"]["modules"]["known"]
+            return HttpResponse(200 if ready else 503, report)
+
+        return await self._run(run())
 
     async def metrics(self) -> HttpResponse:
-        from .metrics import CONTENT_TYPE, render_metrics
+        async def run() -> HttpResponse:
+            from .metrics import CONTENT_TYPE, render_metrics
 
-        text = await render_metrics(self.orch)
-        return HttpResponse(200, text, media_type=CONTENT_TYPE)
+            text = await render_metrics(self.orch)
+            return HttpResponse(200, text, media_type=CONTENT_TYPE)
+
+        return await self._run(run())
 
     def not_found(self) -> HttpResponse:
         return HttpResponse(404, {"error": {"type": "not_found", "message": "no such route"}})

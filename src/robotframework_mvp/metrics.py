@@ -132,7 +132,13 @@ class _Collector:
 
 async def render_metrics(orch: Orchestrator) -> str:
     """The Prometheus text exposition (store figures read once per scrape)."""
-    robots = await orch.driver.count_robots()
+    cached = await orch.cache.get_json("stats", "robots")
+    if cached is None:
+        robots = await orch.driver.count_robots()
+        await orch.cache.set_json("stats", "robots", [[k, s, n] for (k, s), n in robots.items()],
+                                  orch.settings.cache.ttl_stats)
+    else:
+        robots = {(k, s): n for k, s, n in cached}
     queue = await orch.driver.queue_stats(utcnow())
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(orch, robots, queue))

@@ -161,6 +161,9 @@ class ModuleRecord:
     latency_ewma_ms: float | None = None
     circuit_state: str = "closed"
     load: int = 0
+    max_attempts: int | None = None
+    #: when the owning process last wrote this record (None before it is stored)
+    updated_at: datetime | None = None
 
 
 @attrs.frozen

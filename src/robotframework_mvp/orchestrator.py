@@ -116,6 +116,10 @@ class Orchestrator(AsyncContextManagerMixin):
         self.balancer = LoadBalancer(
             self.modules, self.module_stats, self.tracker,
             lambda kind, candidates: self.pm.hook.select_module(kind=kind, candidates=candidates),
+            refresh_seconds=settings.cache.ttl_module_choice,
+            # Every live process rewrites its module records at each health or score run.
+            stale_after=3 * min(settings.background.health_interval,
+                                settings.background.scores_interval) + 60,
         )
         await driver.open()
         try:
@@ -177,7 +181,8 @@ class Orchestrator(AsyncContextManagerMixin):
 
     async def _register_modules(self) -> None:
         records = [
-            ModuleRecord(name=m.name, kinds=m.kinds, capacity=m.capacity)
+            ModuleRecord(name=m.name, kinds=m.kinds, capacity=m.capacity,
+                         max_attempts=m.max_attempts)
             for m in self.modules.values()
         ]
         if records:
@@ -260,8 +265,9 @@ class Orchestrator(AsyncContextManagerMixin):
         """Step 2 (module selection) and the robot row that step 3 writes."""
         module_name = self.balancer.select(item.kind)
         module = self.modules.get(module_name)
-        max_attempts = (module.max_attempts if module is not None and module.max_attempts
-                        else self.settings.resilience.default_max_attempts)
+        max_attempts = (module.max_attempts if module is not None
+                        else self.balancer.max_attempts(module_name)
+                        ) or self.settings.resilience.default_max_attempts
         now = utcnow()
         return Robot(
             id=new_id(), kind=item.kind, payload=item.payload, owner=principal.id,
@@ -392,10 +398,10 @@ class Orchestrator(AsyncContextManagerMixin):
         self.worker.wake()
         return requeued
 
-    async def executions(self, robot_id: str, *, api_key: str | None
-                         ) -> builtins.list[Execution]:
+    async def executions(self, robot_id: str, *, api_key: str | None,
+                         client: str | None = None) -> builtins.list[Execution]:
         """Every attempt of a robot (for operators and tests)."""
-        info = RequestInfo(client=None, request_id=new_id())
+        info = RequestInfo(client=client, request_id=new_id())
         principal: Principal | None = None
         try:
             principal = await self.security.authorize(api_key, info, scope="robots:read")
@@ -407,9 +413,10 @@ class Orchestrator(AsyncContextManagerMixin):
                           target=robot_id, client=info.client, request_id=info.request_id)
         return await self.state.list_executions(robot_id)
 
-    async def module_table(self, *, api_key: str | None) -> builtins.list[dict[str, Any]]:
+    async def module_table(self, *, api_key: str | None, client: str | None = None
+                           ) -> builtins.list[dict[str, Any]]:
         """Modules with health, score, circuit state and load (``GET /modules``)."""
-        info = RequestInfo(client=None, request_id=new_id())
+        info = RequestInfo(client=client, request_id=new_id())
         try:
             principal = await self.security.authorize(api_key, info, scope="robots:read")
         except RobotFrameworkError as exc:
@@ -455,6 +462,7 @@ class Orchestrator(AsyncContextManagerMixin):
         }
         components["modules"] = {
             "status": "ok",
+            "known": bool(self.balancer.known_kinds()),
             "health": {name: st.health for name, st in sorted(self.module_stats.items())},
         }
         overall = "ok"

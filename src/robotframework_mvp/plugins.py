@@ -9,8 +9,8 @@ Built-in behaviour is registered as plugins on the same hooks third parties use,
 from __future__ import annotations
 
 import importlib
-import logging
 import inspect
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit

@@ -24,6 +24,7 @@ from anyio.abc import TaskGroup
 
 from .balancing import ModuleStats
 from .config import Settings
+from .errors import PermanentError
 from .models import ErrorInfo, ExecutionStatus, Robot, RobotStatus, utcnow
 from .modules import Module, ModuleContext
 from .performance import PerformanceTracker
@@ -186,6 +187,7 @@ class Worker:
         result: dict[str, object] | None = None
         error: ErrorInfo | None = None
         timed_out = False
+        permanent = False
         try:
             with scope:
                 try:
@@ -201,6 +203,7 @@ class Worker:
                         error = _error_info(exc)
                 except Exception as exc:
                     error = _error_info(exc)
+                    permanent = isinstance(exc, PermanentError)
             duration_ms = (time.perf_counter() - started) * 1000
             if scope.cancelled_caught or running.lease_lost or running.cancelled:
                 # Cancelled by request or lease lost: the store already says what happened.
@@ -209,7 +212,7 @@ class Worker:
             self.stats[module.name].record(ok, duration_ms)
             with anyio.CancelScope(shield=True):
                 await self._complete(robot, token, module, result, error, timed_out,
-                                     duration_ms)
+                                     duration_ms, retryable=not permanent)
         finally:
             self.stats[module.name].load -= 1
             self.running.pop(robot.id, None)
@@ -218,7 +221,7 @@ class Worker:
 
     async def _complete(
         self, robot: Robot, token: str, module: Module, result: dict[str, object] | None,
-        error: ErrorInfo | None, timed_out: bool, duration_ms: float,
+        error: ErrorInfo | None, timed_out: bool, duration_ms: float, *, retryable: bool = True,
     ) -> None:
         now = utcnow()
         scheduled_at = None
@@ -226,7 +229,7 @@ class Worker:
             status, exec_status = RobotStatus.TIMED_OUT, ExecutionStatus.TIMED_OUT
         elif error is None:
             status, exec_status = RobotStatus.SUCCEEDED, ExecutionStatus.SUCCEEDED
-        elif robot.attempts < robot.max_attempts:
+        elif robot.attempts < robot.max_attempts and retryable:
             status, exec_status = RobotStatus.QUEUED, ExecutionStatus.FAILED
             res = self.settings.resilience
             delay = backoff_delay(robot.attempts, res.retry_base_seconds, res.retry_cap_seconds)

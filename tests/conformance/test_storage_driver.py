@@ -641,10 +641,19 @@ async def test_upsert_modules_stores_then_replaces_module_records(driver: Storag
                         last_check_at=now, score=0.8, success_rate=0.95, latency_ewma_ms=12.5,
                         circuit_state="closed", load=1)
     await driver.upsert_modules([ocr, mail], now)
-    assert await driver.list_modules() == [mail, ocr]
-    sick = attrs.evolve(ocr, health="unhealthy", circuit_state="open", score=0.1, load=3)
+
+    def stored(records: list[ModuleRecord]) -> list[ModuleRecord]:
+        # The store stamps each record with the write time it was given.
+        for record in records:
+            assert record.updated_at is not None
+            assert abs((record.updated_at - now).total_seconds()) < 0.001
+        return [attrs.evolve(r, updated_at=None) for r in records]
+
+    assert stored(await driver.list_modules()) == [mail, ocr]
+    sick = attrs.evolve(ocr, health="unhealthy", circuit_state="open", score=0.1, load=3,
+                        max_attempts=5)
     await driver.upsert_modules([sick], now)
-    assert await driver.list_modules() == [mail, sick]
+    assert stored(await driver.list_modules()) == [mail, sick]
 
 
 # --- audit --------------------------------------------------------------------------------

@@ -883,9 +883,8 @@ async def test_every_request_accepted_or_refused_leaves_an_audit_record_without_
             await attempt(f"flood-{i}", "robots.list", "ok", TEST_PRINCIPAL,
                           lambda rid=f"flood-{i}": orch.list(api_key=TEST_API_KEY,
                                                              client=client, request_id=rid))
-        # (which principal was limited is not recorded yet: see the xfail test below)
         limited = await attempt("flood-refused", "robots.list", "refused:rate_limited",
-                                None,
+                                TEST_PRINCIPAL,
                                 lambda: orch.list(api_key=TEST_API_KEY, client=client,
                                                   request_id="flood-refused"))
         assert isinstance(limited, RateLimitedError)
@@ -940,10 +939,6 @@ async def test_an_edited_audit_record_breaks_the_chain(sqlite_url: str) -> None:
     assert verify_chain(records, None) == seq
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "SecurityValidator.authorize raises RateLimitedError after authenticating, so the "
-    "caller's `principal` is still None and the audit record of a rate-limited request "
-    "does not say whose limit it was"))
 async def test_a_rate_limited_refusal_is_audited_with_the_limited_principal(
     sqlite_url: str,
 ) -> None:

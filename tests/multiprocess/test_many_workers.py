@@ -74,7 +74,9 @@ def log_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def spawn_worker(postgres_url: str, log_dir: Path) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
+def spawn_worker(
+    postgres_url: str, log_dir: Path
+) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
     procs: list[subprocess.Popen[bytes]] = []
     src = Path(__file__).resolve().parents[2] / "src"
 
@@ -120,7 +122,8 @@ def api_orchestrator(postgres_url: str) -> Orchestrator:
 async def wait_for_modules(orch: Orchestrator, *names: str) -> None:
     """Worker processes register their modules in the store when they start."""
     with anyio.fail_after(30):
-        while not set(names) <= {m.name for m in await orch.state.list_modules()}:
+        # Another process writes the records: polling the store is the only signal.
+        while not set(names) <= {m.name for m in await orch.state.list_modules()}:  # noqa: ASYNC110
             await anyio.sleep(0.05)
 
 

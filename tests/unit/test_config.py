@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import attrs
 import pytest
 
-from robotframework_mvp import ConfigError, RateLimit, Settings, StaticKey
+from robotframework_mvp import ConfigError, RateLimit, Settings, StaticKey, WorkerConfig
 from robotframework_mvp.config import settings_reference
 
 SECRET = "s3cr3t-Key-Never-Shown-42"
@@ -48,7 +49,6 @@ VALID: dict[str, tuple[str, Any]] = {
     "RFMVP_CACHE_KEY_PREFIX": ("app1:", "app1:"),
     "RFMVP_CACHE_TTL_ROBOT_STATUS": ("12", 12.0),
     "RFMVP_CACHE_TTL_MODULE_CHOICE": ("0.5", 0.5),
-    "RFMVP_CACHE_TTL_MODULE_HEALTH": ("45", 45.0),
     "RFMVP_CACHE_TTL_STATS": ("3", 3.0),
     "RFMVP_API_KEYS": (f"alice:{SECRET}, bob:another-key-123",
                        (StaticKey("alice", SECRET), StaticKey("bob", "another-key-123"))),
@@ -205,6 +205,22 @@ def test_a_bad_value_in_the_dot_env_file_is_reported_the_same_way(tmp_path: Path
     env.write_text("RFMVP_WORKER_CONCURRENCY=many\n")
     with pytest.raises(ConfigError, match="RFMVP_WORKER_CONCURRENCY"):
         Settings.from_env(environ={}, env_file=env)
+
+
+def test_settings_built_with_keywords_get_the_same_checks() -> None:
+    with pytest.raises(ConfigError, match="RFMVP_WORKER_CONCURRENCY"):
+        Settings(worker=WorkerConfig(concurrency=0))
+
+
+def test_a_misspelt_variable_is_reported_not_silently_ignored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING):
+        settings = _from({"RFMVP_WORKER_CONCURENCY": "4", "RFMVP_WORKER_CONCURRENCY": "2"})
+    assert settings.worker.concurrency == 2
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("RFMVP_WORKER_CONCURENCY" in m for m in warned), warned
+    assert not any("RFMVP_WORKER_CONCURRENCY " in m for m in warned)
 
 
 # -- .env --------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Redis), so the limit holds across every process that shares the backend.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import attrs
@@ -64,6 +65,9 @@ class CacheBackend(Protocol):
     async def get(self, key: str) -> bytes | None: ...
 
     async def set(self, key: str, value: bytes, ttl: float) -> None: ...
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+        """Set several keys with one TTL in one round trip."""
 
     async def delete(self, *keys: str) -> None: ...
 

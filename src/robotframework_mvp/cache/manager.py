@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from ..config import CacheConfig
@@ -74,6 +75,21 @@ class CacheManager:
             return
         self.breaker.record_success()
 
+    async def set_many_bytes(self, namespace: str, items: Sequence[tuple[str, bytes]],
+                             ttl: float) -> None:
+        if not items:
+            return
+        if not self.breaker.allow():
+            self.errors[namespace] += 1
+            return
+        try:
+            await self.backend.set_many(
+                [(f"{self.prefix}{namespace}:{key}", value) for key, value in items], ttl)
+        except Exception as exc:
+            self._failed(namespace, exc)
+            return
+        self.breaker.record_success()
+
     async def delete(self, namespace: str, key: str) -> None:
         if not self.breaker.allow():
             self.errors[namespace] += 1
@@ -104,9 +120,16 @@ class CacheManager:
             return None
 
     async def set_robot(self, robot: Robot) -> None:
-        data = converter.unstructure(robot)
-        data["lease_token"] = None  # a lease token never leaves the store
-        await self.set_json("robot", robot.id, data, self.config.ttl_robot_status)
+        await self.set_robots([robot])
+
+    async def set_robots(self, robots: Sequence[Robot]) -> None:
+        """Cache robots' current state in one round trip (never their lease tokens)."""
+        items = []
+        for robot in robots:
+            data = converter.unstructure(robot)
+            data["lease_token"] = None  # a lease token never leaves the store
+            items.append((robot.id, json.dumps(data).encode()))
+        await self.set_many_bytes("robot", items, self.config.ttl_robot_status)
 
     # -- rate limits -------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from cachetools import TLRUCache
@@ -44,6 +45,10 @@ class MemoryBackend:
 
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         self._entries[key] = (value, ttl)
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+        for key, value in items:
+            self._entries[key] = (value, ttl)
 
     async def delete(self, *keys: str) -> None:
         for key in keys:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -166,6 +167,18 @@ class RedisBackend:
             await self.client.delete(key)
             return
         await self.client.set(key, value, px=max(1, math.ceil(ttl * 1000)))
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+        if not items:
+            return
+        if ttl <= 0:
+            await self.client.delete(*(key for key, _ in items))
+            return
+        px = max(1, math.ceil(ttl * 1000))
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, value in items:
+                pipe.set(key, value, px=px)
+            await pipe.execute()
 
     async def delete(self, *keys: str) -> None:
         if keys:

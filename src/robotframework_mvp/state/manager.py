@@ -8,6 +8,7 @@ so the cache never shows a transition that did not happen.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 
@@ -30,8 +31,7 @@ class StateManager:
     async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:
         with self.tracker.measure("state.create_robot"):
             created = await self.driver.create_robots(robots)
-        for robot, _ in created:
-            await self.cache.set_robot(robot)
+        await self.cache.set_robots([robot for robot, _ in created])
         return created
 
     async def get_robot(self, robot_id: str, *, fresh: bool = False) -> Robot | None:
@@ -62,11 +62,24 @@ class StateManager:
         self, module: str, limit: int, worker: str, lease_seconds: float
     ) -> list[Claim]:
         now = utcnow()
-        with self.tracker.measure("state.start_execution"):
-            return await self.driver.claim_robots(
+        started = time.perf_counter()
+        try:
+            claims = await self.driver.claim_robots(
                 module=module, limit=limit, worker=worker, now=now,
                 lease_expires_at=now + timedelta(seconds=lease_seconds),
             )
+        except Exception:
+            self.tracker.record("state.start_execution",
+                                (time.perf_counter() - started) * 1000, error=True)
+            raise
+        if claims:
+            # One sample per execution started, each the latency that robot saw; idle
+            # polls that claim nothing start no execution and are not recorded.
+            elapsed_ms = (time.perf_counter() - started) * 1000
+            for _ in claims:
+                self.tracker.record("state.start_execution", elapsed_ms)
+            await self.cache.set_robots([c.robot for c in claims])
+        return claims
 
     async def renew_leases(
         self, leases: Sequence[tuple[str, str]], lease_seconds: float
@@ -111,8 +124,7 @@ class StateManager:
 
     async def reap_expired_leases(self) -> list[Robot]:
         reaped = await self.driver.reap_expired_leases(utcnow())
-        for robot in reaped:
-            await self.cache.set_robot(robot)
+        await self.cache.set_robots(reaped)
         return reaped
 
     async def requeue(self, robot_id: str, extra_attempts: int) -> Robot | None:

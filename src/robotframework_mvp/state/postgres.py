@@ -602,7 +602,8 @@ class PostgresDriver:
                 "health": r.health, "last_check_at": r.last_check_at, "score": float(r.score),
                 "success_rate": float(r.success_rate),
                 "latency_ewma_ms": None if r.latency_ewma_ms is None else float(r.latency_ewma_ms),
-                "circuit_state": r.circuit_state, "load": r.load, "now": now,
+                "circuit_state": r.circuit_state, "load": r.load,
+                "max_attempts": r.max_attempts, "now": now,
             }
             for r in records
         ]
@@ -621,7 +622,8 @@ class PostgresDriver:
                 health=r["health"], last_check_at=_utc_or_none(r["last_check_at"]),
                 score=r["score"], success_rate=r["success_rate"],
                 latency_ewma_ms=r["latency_ewma_ms"], circuit_state=r["circuit_state"],
-                load=r["load"],
+                load=r["load"], max_attempts=r["max_attempts"],
+                updated_at=_utc_or_none(r["updated_at"]),
             )
             for r in rows
         ]

@@ -441,7 +441,8 @@ class SQLiteDriver:
                 "name": r.name, "kinds": json.dumps(list(r.kinds)), "capacity": r.capacity,
                 "health": r.health, "last_check_at": _ts(r.last_check_at), "score": r.score,
                 "success_rate": r.success_rate, "latency_ewma_ms": r.latency_ewma_ms,
-                "circuit_state": r.circuit_state, "load": r.load, "now": now.timestamp(),
+                "circuit_state": r.circuit_state, "load": r.load,
+                "max_attempts": r.max_attempts, "now": now.timestamp(),
             }
             for r in records
         ]
@@ -455,6 +456,7 @@ class SQLiteDriver:
                 health=r["health"], last_check_at=_dt(r["last_check_at"]), score=r["score"],
                 success_rate=r["success_rate"], latency_ewma_ms=r["latency_ewma_ms"],
                 circuit_state=r["circuit_state"], load=r["load"],
+                max_attempts=r["max_attempts"], updated_at=_dt(r["updated_at"]),
             )
             for r in rows
         ]

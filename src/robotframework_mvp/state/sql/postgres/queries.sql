@@ -237,18 +237,19 @@ FROM executions WHERE robot_id = %(robot_id)s ORDER BY attempt, started_at;
 
 -- name: upsert_module
 INSERT INTO modules (name, kinds, capacity, health, last_check_at, score, success_rate,
-                     latency_ewma_ms, circuit_state, load, updated_at)
+                     latency_ewma_ms, circuit_state, load, max_attempts, updated_at)
 VALUES (%(name)s, %(kinds)s, %(capacity)s, %(health)s, %(last_check_at)s, %(score)s,
-        %(success_rate)s, %(latency_ewma_ms)s, %(circuit_state)s, %(load)s, %(now)s)
+        %(success_rate)s, %(latency_ewma_ms)s, %(circuit_state)s, %(load)s, %(max_attempts)s, %(now)s)
 ON CONFLICT (name) DO UPDATE SET
     kinds = excluded.kinds, capacity = excluded.capacity, health = excluded.health,
     last_check_at = excluded.last_check_at, score = excluded.score,
     success_rate = excluded.success_rate, latency_ewma_ms = excluded.latency_ewma_ms,
-    circuit_state = excluded.circuit_state, load = excluded.load, updated_at = excluded.updated_at;
+    circuit_state = excluded.circuit_state, load = excluded.load,
+    max_attempts = excluded.max_attempts, updated_at = excluded.updated_at;
 
 -- name: list_modules
 SELECT name, kinds, capacity, health, last_check_at, score, success_rate, latency_ewma_ms,
-       circuit_state, load
+       circuit_state, load, max_attempts, updated_at
 FROM modules ORDER BY name;
 
 -- name: lock_audit_chain

@@ -134,14 +134,15 @@ SELECT * FROM executions WHERE robot_id = :robot_id ORDER BY attempt, started_at
 
 -- name: upsert_module
 INSERT INTO modules (name, kinds, capacity, health, last_check_at, score, success_rate,
-                     latency_ewma_ms, circuit_state, load, updated_at)
+                     latency_ewma_ms, circuit_state, load, max_attempts, updated_at)
 VALUES (:name, :kinds, :capacity, :health, :last_check_at, :score, :success_rate,
-        :latency_ewma_ms, :circuit_state, :load, :now)
+        :latency_ewma_ms, :circuit_state, :load, :max_attempts, :now)
 ON CONFLICT (name) DO UPDATE SET
     kinds = excluded.kinds, capacity = excluded.capacity, health = excluded.health,
     last_check_at = excluded.last_check_at, score = excluded.score,
     success_rate = excluded.success_rate, latency_ewma_ms = excluded.latency_ewma_ms,
-    circuit_state = excluded.circuit_state, load = excluded.load, updated_at = excluded.updated_at;
+    circuit_state = excluded.circuit_state, load = excluded.load,
+    max_attempts = excluded.max_attempts, updated_at = excluded.updated_at;
 
 -- name: list_modules
 SELECT * FROM modules ORDER BY name;
