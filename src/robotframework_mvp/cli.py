@@ -29,9 +29,9 @@ __all__ = ["main"]
 
 def _settings(worker: bool = False) -> Settings:
     settings = Settings.from_env()
-    if not worker:
-        settings = settings.with_changes(worker={"enabled": False})
-    return settings
+    # `rfmvp worker` always runs workers (RFMVP_WORKER_ENABLED=false is meant for API
+    # processes); the other commands never do.
+    return settings.with_changes(worker={"enabled": worker})
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:

@@ -116,7 +116,7 @@ class HttpApi:
             [SubmitRequest(kind=data.get("kind"),  # type: ignore[arg-type]  # validated inside
                            payload=data["payload"], priority=data.get("priority", 0),
                            idempotency_key=data.get("idempotency_key"), delay=delay)],
-            api_key=api_key, client=client,
+            api_key=api_key, client=client, request_id=_request_id(headers),
         ))[0]
         if wait:
             robot = await self.orch._wait_until_terminal(robot, wait)
@@ -146,14 +146,15 @@ class HttpApi:
                 priority=item.get("priority", 0), idempotency_key=item.get("idempotency_key"),
                 delay=delay,
             ))
-        robots = await self.orch.submit_many(requests, api_key=api_key, client=client)
+        robots = await self.orch.submit_many(requests, api_key=api_key, client=client,
+                                             request_id=_request_id(headers))
         return HttpResponse(202, {"items": [_robot(r) for r in robots]})
 
     async def get_robot(self, robot_id: str, headers: Mapping[str, str],
                         client: str | None) -> HttpResponse:
         async def run() -> HttpResponse:
             robot = await self.orch.get(robot_id, api_key=credential_from_headers(headers),
-                                        client=client)
+                                        client=client, request_id=_request_id(headers))
             return HttpResponse(200, _robot(robot))
 
         return await self._run(run())
@@ -174,6 +175,7 @@ class HttpApi:
                 api_key=credential_from_headers(headers), status=query.get("status"),
                 kind=query.get("kind") or None, limit=int(limit_text),
                 cursor=query.get("cursor") or None, client=client,
+                request_id=_request_id(headers),
             )
             return HttpResponse(200, {"items": [_robot(r) for r in page.items],
                                       "next_cursor": page.next_cursor})
@@ -184,7 +186,7 @@ class HttpApi:
                            client: str | None) -> HttpResponse:
         async def run() -> HttpResponse:
             robot = await self.orch.cancel(robot_id, api_key=credential_from_headers(headers),
-                                           client=client)
+                                           client=client, request_id=_request_id(headers))
             return HttpResponse(200, _robot(robot))
 
         return await self._run(run())
@@ -248,6 +250,17 @@ class HttpApi:
 
     def not_found(self) -> HttpResponse:
         return HttpResponse(404, {"error": {"type": "not_found", "message": "no such route"}})
+
+
+def _request_id(headers: Mapping[str, str]) -> str | None:
+    """A caller's (or proxy's) ``X-Request-Id``, kept for the audit trail when sane."""
+    for name, value in headers.items():
+        if name.lower() == "x-request-id":
+            value = value.strip()
+            if 0 < len(value) <= 128 and value.isprintable() and value.isascii():
+                return value
+            return None
+    return None
 
 
 def _check_fields(data: Mapping[str, Any], allowed: frozenset[str], prefix: str = "$") -> None:

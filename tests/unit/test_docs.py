@@ -39,7 +39,7 @@ ROUTES = (
 )
 
 PAGES = ("index", "quickstart", "concepts", "modules", "hooks", "configuration", "http",
-         "architecture")
+         "architecture", "deployment")
 
 
 def _read(name: str) -> str:

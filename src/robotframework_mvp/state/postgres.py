@@ -355,6 +355,11 @@ class PostgresDriver:
                         await pool.check()
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
+    def pool_stats(self) -> dict[str, dict[str, int]]:
+        """psycopg_pool's figures per pool (size, available, waiting ...), for /metrics."""
+        pools = {"write": self._pool, "read": self._read_pool}
+        return {name: dict(pool.get_stats()) for name, pool in pools.items() if pool is not None}
+
     def _write_pool(self) -> Pool:
         if self._pool is None:
             raise ServiceUnavailableError("the PostgreSQL store is not open")
