@@ -86,14 +86,36 @@ def _operation(method: str) -> Endpoint:
 
 
 async def list_robots(request: Request, status: str | None = None, kind: str | None = None,
-                      limit: str = "50", cursor: str | None = None) -> Response:
+                      limit: str = "50", cursor: str | None = None,
+                      order: str | None = None) -> Response:
     # Parameters are declared (as text, so FastAPI never refuses one) for the docs only.
     query = dict(request.query_params.multi_items())  # a repeated parameter: the last wins
     return to_response(await _api(request).list_robots(query, request.headers, _client(request)))
 
 
+def _one_schedule(method: str) -> Endpoint:
+    """``HttpApi.<method>(schedule_id, headers, client)``."""
+
+    async def endpoint(request: Request, schedule_id: str) -> Response:
+        handler = getattr(_api(request), method)
+        return to_response(await handler(schedule_id, request.headers, _client(request)))
+
+    return _named(method, endpoint)
+
+
+async def list_schedules(request: Request, limit: str = "50", cursor: str | None = None
+                         ) -> Response:
+    query = dict(request.query_params.multi_items())
+    return to_response(await _api(request).list_schedules(query, request.headers,
+                                                          _client(request)))
+
+
 async def list_modules(request: Request) -> Response:
     return to_response(await _api(request).list_modules(request.headers, _client(request)))
+
+
+async def dashboard_data(request: Request) -> Response:
+    return to_response(await _api(request).dashboard_data(request.headers, _client(request)))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -154,9 +176,17 @@ def create_app(
         (robots, "POST", one + "/retry", _one_robot("retry_robot")),
         (robots, "GET", one + "/executions", _one_robot("list_executions")),
         (robots, "GET", "/modules", list_modules),
+        (robots, "POST", "/schedules", _submit("add_schedule")),
+        (robots, "GET", "/schedules", list_schedules),
+        (robots, "GET", "/schedules/{schedule_id}", _one_schedule("get_schedule")),
+        (robots, "DELETE", "/schedules/{schedule_id}", _one_schedule("remove_schedule")),
+        (robots, "POST", "/schedules/{schedule_id}/pause", _one_schedule("pause_schedule")),
+        (robots, "POST", "/schedules/{schedule_id}/resume", _one_schedule("resume_schedule")),
         (ops, "GET", "/health", _operation("health")),
         (ops, "GET", "/health/ready", _operation("ready")),
         (ops, "GET", "/metrics", _operation("metrics")),
+        (ops, "GET", "/dashboard", _operation("dashboard")),
+        (ops, "GET", "/dashboard/data", dashboard_data),
     ]:
         router.add_api_route(path, endpoint, methods=[method], name=endpoint.__name__,
                              **docs.ROUTES[endpoint.__name__])

@@ -4,7 +4,8 @@
 
 Reads ``RFMVP_HOST`` / ``RFMVP_PORT`` (default 127.0.0.1:8000) and every other setting
 from the environment (``Settings.from_env()``). Without ``RFMVP_API_KEYS`` it makes a
-demo key for the principal "demo" and prints it, with a ready-to-paste curl command.
+demo key for the principal "demo" (an admin, so it can open the dashboard) and prints
+it, with a ready-to-paste curl command and the dashboard's address.
 Ctrl-C or SIGTERM stops it gracefully (running robots get a grace period).
 """
 
@@ -44,7 +45,9 @@ def _with_demo_key(settings: Settings) -> tuple[Settings, str | None]:
     if settings.security.api_keys:
         return settings, None
     key = secrets.token_urlsafe(24)
-    security = attrs.evolve(settings.security, api_keys=(StaticKey("demo", key),))
+    # The only principal of a demo: an admin, so the dashboard shows everything.
+    security = attrs.evolve(settings.security, api_keys=(StaticKey("demo", key),),
+                            admin_principals=(*settings.security.admin_principals, "demo"))
     return attrs.evolve(settings, security=security), key
 
 
@@ -55,8 +58,10 @@ def banner(url: str, key: str | None) -> str:
         key = "YOUR_KEY"
     else:
         lines.append(f'  API key: {key}  (principal "demo"; set RFMVP_API_KEYS for your own)')
+    admin_key = key if key != "YOUR_KEY" else "AN_ADMIN_KEY"
     lines += ["  Try:", f"    curl -s -X POST {url}/api/v1/robots -H \"X-API-Key: {key}\" "
-              f"-H 'content-type: application/json' -d '{EXAMPLE}'", ""]
+              f"-H 'content-type: application/json' -d '{EXAMPLE}'",
+              f"  Dashboard: {url}/dashboard#key={admin_key}", ""]
     return "\n".join(lines)
 
 

@@ -71,6 +71,17 @@ def _one_robot(method: str) -> Endpoint:
     return endpoint
 
 
+def _one_schedule(method: str) -> Endpoint:
+    """``HttpApi.<method>(schedule_id, headers, client)``."""
+
+    async def endpoint(request: Request) -> Response:
+        handler = getattr(_api(request), method)
+        return to_response(await handler(request.path_params["schedule_id"], request.headers,
+                                         _client(request)))
+
+    return endpoint
+
+
 def _operation(method: str) -> Endpoint:
     """``HttpApi.<method>()``: health, readiness and metrics need no key."""
 
@@ -91,8 +102,24 @@ async def robots(request: Request) -> Response:
     return to_response(await _api(request).list_robots(query, request.headers, _client(request)))
 
 
+_add_schedule = _submit("add_schedule")
+
+
+async def schedules(request: Request) -> Response:
+    """``POST`` creates a schedule, ``GET`` lists them."""
+    if request.method == "POST":
+        return await _add_schedule(request)
+    query = dict(request.query_params.multi_items())
+    return to_response(await _api(request).list_schedules(query, request.headers,
+                                                          _client(request)))
+
+
 async def list_modules(request: Request) -> Response:
     return to_response(await _api(request).list_modules(request.headers, _client(request)))
+
+
+async def dashboard_data(request: Request) -> Response:
+    return to_response(await _api(request).dashboard_data(request.headers, _client(request)))
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -132,6 +159,7 @@ def create_app(
             yield
 
     one = API_PREFIX + "/robots/{robot_id}"
+    schedule = API_PREFIX + "/schedules/{schedule_id}"
     routes = [
         Route(API_PREFIX + "/robots", robots, methods=["GET", "POST"]),
         Route(API_PREFIX + "/robots:batch", _submit("submit_batch"), methods=["POST"]),
@@ -140,9 +168,16 @@ def create_app(
         Route(one + "/retry", _one_robot("retry_robot"), methods=["POST"]),
         Route(one + "/executions", _one_robot("list_executions"), methods=["GET"]),
         Route(API_PREFIX + "/modules", list_modules, methods=["GET"]),
+        Route(API_PREFIX + "/schedules", schedules, methods=["GET", "POST"]),
+        Route(schedule, _one_schedule("get_schedule"), methods=["GET"]),
+        Route(schedule, _one_schedule("remove_schedule"), methods=["DELETE"]),
+        Route(schedule + "/pause", _one_schedule("pause_schedule"), methods=["POST"]),
+        Route(schedule + "/resume", _one_schedule("resume_schedule"), methods=["POST"]),
         Route("/health", _operation("health"), methods=["GET"]),
         Route("/health/ready", _operation("ready"), methods=["GET"]),
         Route("/metrics", _operation("metrics"), methods=["GET"]),
+        Route("/dashboard", _operation("dashboard"), methods=["GET"]),
+        Route("/dashboard/data", dashboard_data, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: internal_error})

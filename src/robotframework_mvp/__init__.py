@@ -33,9 +33,20 @@ from .errors import (
     ValidationError,
 )
 from .hookspecs import hookimpl
-from .models import ErrorInfo, Execution, ExecutionStatus, Principal, Robot, RobotStatus
+from .models import (
+    ErrorInfo,
+    Execution,
+    ExecutionStatus,
+    FollowUp,
+    MisfirePolicy,
+    Principal,
+    Robot,
+    RobotStatus,
+    Schedule,
+)
 from .modules import Module, ModuleContext, module
 from .orchestrator import Orchestrator, Page
+from .scheduling import SchedulePage
 from .security.validator import SubmitRequest
 
 __version__ = "0.1.0"
@@ -49,6 +60,8 @@ __all__ = [
     "ErrorInfo",
     "Execution",
     "ExecutionStatus",
+    "FollowUp",
+    "MisfirePolicy",
     "Module",
     "ModuleContext",
     "NotFoundError",
@@ -65,6 +78,8 @@ __all__ = [
     "Robot",
     "RobotFrameworkError",
     "RobotStatus",
+    "Schedule",
+    "SchedulePage",
     "SecurityConfig",
     "ServiceUnavailableError",
     "Settings",

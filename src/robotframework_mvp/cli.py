@@ -1,4 +1,5 @@
-"""The ``rfmvp`` command: migrate, run workers, and look at robots from a terminal.
+"""The ``rfmvp`` command: migrate, run workers, look at robots, manage API keys and check
+the audit trail from a terminal.
 
 Every command reads ``Settings.from_env()`` (``RFMVP_*`` variables and ``.env``). The
 robot commands act as an operator with direct store access and are audited under the
@@ -23,6 +24,10 @@ from .config import Settings, settings_reference
 from .errors import RobotFrameworkError
 from .models import Robot, RobotStatus, new_id
 from .orchestrator import Orchestrator
+from .schedule_commands import add_commands as add_schedule_commands
+from .schedule_commands import run_schedules
+from .security.commands import add_commands as add_security_commands
+from .security.commands import run_audit, run_keys
 
 __all__ = ["main"]
 
@@ -92,6 +97,8 @@ async def _worker(args: argparse.Namespace) -> int:
 
 async def _robots(args: argparse.Namespace) -> int:
     async with Orchestrator(_settings()) as orch:
+        if args.robots_command in ("submit", "wait"):
+            return await _submit_or_wait(orch, args)
         if args.robots_command == "list":
             status = RobotStatus(args.status) if args.status else None
             robots = await orch.state.list_robots(tenant=args.tenant, status=status,
@@ -134,7 +141,41 @@ async def _robots(args: argparse.Namespace) -> int:
         return 0
 
 
+async def _submit_or_wait(orch: Orchestrator, args: argparse.Namespace) -> int:
+    """``robots submit`` (as the key's principal) and ``robots wait``, with progress bars."""
+    from .robot_commands import ProgressBoard, exit_code, parse_payload, wait_for
+
+    if args.robots_command == "submit":
+        robot = await orch.submit(args.kind, parse_payload(args.payload), api_key=args.api_key,
+                                  priority=args.priority, idempotency_key=args.idempotency_key,
+                                  client="cli")
+        print(robot.id if not args.wait else f"submitted {robot.id}", flush=True)
+        if not args.wait:
+            return 0
+        ids = [robot.id]
+    else:
+        ids = args.ids
+        _audit(orch, "robots.wait", ",".join(ids)[:200], "ok")
+
+    async def fresh(robot_id: str) -> Robot | None:
+        return await orch.state.get_robot(robot_id, fresh=True)
+
+    robots = await wait_for(fresh, ids, args.timeout, ProgressBoard())
+    missing = sorted(set(ids) - {r.id for r in robots})
+    for robot_id in missing:
+        print(f"no robot {robot_id!r}", file=sys.stderr)
+    if any(not r.is_terminal for r in robots):
+        print(f"still running after {args.timeout:g} s", file=sys.stderr)
+    return 1 if missing else exit_code(robots)
+
+
 async def _stats(args: argparse.Namespace) -> int:
+    if args.url:
+        from .robot_commands import step_table
+
+        rows, alerts, leader = step_table(args.url)
+        print(_table(rows, ["step", "count", "p50 ms", "p95 ms", "p99 ms", "budget ms"]))
+        print(f"\nserver: {leader}; active alerts: {', '.join(alerts) or 'none'}\n")
     async with Orchestrator(_settings()) as orch:
         counts = await orch.driver.count_robots()
         from .models import utcnow
@@ -167,7 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run workers and background loops (no HTTP)")
     worker.add_argument("--concurrency", type=int, default=0,
                         help="robots at once (default RFMVP_WORKER_CONCURRENCY)")
-    robots = sub.add_parser("robots", help="list, show, cancel or retry robots")
+    robots = sub.add_parser("robots", help="list, show, submit, wait for, cancel or retry "
+                            "robots")
     rsub = robots.add_subparsers(dest="robots_command", required=True)
     lst = rsub.add_parser("list", help="newest robots first")
     lst.add_argument("--status", choices=[s.value for s in RobotStatus])
@@ -180,7 +222,14 @@ def _parser() -> argparse.ArgumentParser:
     retry = rsub.add_parser("retry", help="requeue a failed or timed-out robot")
     retry.add_argument("id")
     retry.add_argument("--attempts", type=int, default=1, help="extra attempts (default 1)")
-    sub.add_parser("stats", help="robots by kind and status, queue depth, modules")
+    from .robot_commands import add_commands as add_robot_commands
+
+    add_robot_commands(rsub)  # submit, wait
+    add_security_commands(sub)  # keys, audit
+    add_schedule_commands(sub)  # schedules
+    stats = sub.add_parser("stats", help="robots by kind and status, queue depth, modules")
+    stats.add_argument("--url", help="also show per-step latencies from this server's /metrics "
+                       "(e.g. http://127.0.0.1:8000)")
     sub.add_parser("config", help="every setting with its variable and default")
     return parser
 
@@ -189,7 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"migrate": _migrate, "worker": _worker, "robots": _robots, "stats": _stats}
+    commands = {"migrate": _migrate, "worker": _worker, "robots": _robots, "stats": _stats,
+                "schedules": run_schedules,
+                "keys": run_keys, "audit": run_audit}
     try:
         if args.command == "config":
             return _config(args)

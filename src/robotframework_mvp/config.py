@@ -39,7 +39,21 @@ log = logging.getLogger(__name__)
 
 #: RFMVP_* variables read by the examples, tests and benchmarks rather than by Settings
 _NOT_SETTINGS = frozenset({
-    "HOST", "PORT", "REQUIRE_SERVICES", "TEST_POSTGRES_URL", "TEST_REDIS_URL", "LOG_LEVEL",
+    "API_KEY", "HOST", "PORT", "REQUIRE_SERVICES", "TEST_POSTGRES_URL", "TEST_REDIS_URL",
+    "LOG_LEVEL",
+    # read by the email monitor plugin (robotframework_mvp.services.email.config)
+    "EMAIL_MAILBOXES", "EMAIL_API_KEY", "EMAIL_ATTACHMENT_DIR", "EMAIL_POLL_INTERVAL",
+    "EMAIL_MAX_ATTACHMENT_BYTES", "EMAIL_MAX_MESSAGE_BYTES", "EMAIL_MAX_BODY_CHARS",
+    "EMAIL_BATCH_SIZE", "EMAIL_TIMEOUT", "EMAIL_RETRY_BASE_SECONDS", "EMAIL_RETRY_CAP_SECONDS",
+    # read by the OCR plugin (robotframework_mvp.services.ocr.config)
+    "OCR_ROOT", "OCR_LANGUAGES", "OCR_DPI", "OCR_MAX_PAGES", "OCR_MAX_FILE_BYTES",
+    "OCR_MAX_PIXELS", "OCR_MAX_WORDS", "OCR_PAGE_TIMEOUT", "OCR_CAPACITY", "OCR_TESSERACT_CMD",
+    # read by the notification plugin (robotframework_mvp.services.notifications.config)
+    "NOTIFY_SUBSCRIPTIONS", "NOTIFY_MAX_ATTEMPTS", "NOTIFY_RETRY_BASE_SECONDS",
+    "NOTIFY_RETRY_CAP_SECONDS", "NOTIFY_TIMEOUT", "NOTIFY_CONCURRENCY", "NOTIFY_QUEUE_SIZE",
+    "NOTIFY_LOG_SIZE", "NOTIFY_SHUTDOWN_GRACE_SECONDS", "NOTIFY_MAX_RESULT_BYTES",
+    "NOTIFY_SMTP_HOST", "NOTIFY_SMTP_PORT", "NOTIFY_SMTP_USERNAME", "NOTIFY_SMTP_PASSWORD",
+    "NOTIFY_SMTP_SECURITY", "NOTIFY_SMTP_FROM",
 })
 
 _PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0, "day": 86400.0}
@@ -102,6 +116,23 @@ def _parse_positive_float(text: str) -> float:
     if not value > 0 or value == float("inf"):
         raise ValueError("a number above 0")
     return value
+
+
+def _parse_fraction(text: str) -> float:
+    value = float(text.strip())
+    if not 0 < value <= 1:
+        raise ValueError("a number above 0 and at most 1")
+    return value
+
+
+def _parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(" or ".join(choices))
+        return value
+
+    return parse
 
 
 def _parse_optional_str(text: str) -> str | None:
@@ -212,12 +243,22 @@ class SecurityConfig:
     secret_key: str | None = attrs.field(
         default=None, repr=False,
         metadata=_var("RFMVP_SECRET_KEY", _parse_optional_str, "a long random string",
-                      "Server pepper for key hashes; a random one per process when unset."),
+                      "Server pepper for key hashes. Required by stored keys (`rfmvp keys`); "
+                      "static keys get a random one per process when unset."),
     )
     rate_limit: RateLimit | None = attrs.field(
         default=RateLimit(100, 1.0),
         metadata=_var("RFMVP_RATE_LIMIT", RateLimit.parse, RateLimit.FORM,
-                      "Requests each principal may make; 'none' turns limiting off."),
+                      "Requests each principal may make; 'none' turns limiting off. A "
+                      "stored key's own limit replaces it for that key."),
+    )
+    rate_limit_fallback: str = attrs.field(
+        default="local", validator=attrs.validators.in_(("local", "open", "closed")),
+        metadata=_var("RFMVP_RATE_LIMIT_FALLBACK", _parse_choice("local", "open", "closed"),
+                      "local, open or closed",
+                      "What rate limiting does while the shared cache (Redis) is "
+                      "unreachable: count per process, admit everything, or refuse with "
+                      "503."),
     )
     auth_failure_limit: RateLimit | None = attrs.field(
         default=RateLimit(20, 60.0),
@@ -244,6 +285,20 @@ class SecurityConfig:
     audit_flush_interval: float = attrs.field(
         default=0.05, metadata=_var("RFMVP_AUDIT_FLUSH_INTERVAL", _parse_positive_float,
                                     _POS_FLOAT, "How often batched audit records are written."))
+    dashboard_public: bool = attrs.field(
+        default=False, metadata=_var("RFMVP_DASHBOARD_PUBLIC", _parse_bool, "true or false",
+                                     "Serve /dashboard/data without a key (counts, latencies, "
+                                     "modules and alerts; never robot ids). Otherwise it needs "
+                                     "an admin key."))
+    audit_retention_days: float = attrs.field(
+        default=365.0, metadata=_var("RFMVP_AUDIT_RETENTION_DAYS", _parse_positive_float,
+                                     "a number of days above 0",
+                                     "How long audit records are kept (the oldest go first; "
+                                     "see `rfmvp audit verify`)."))
+    api_key_touch_interval: float = attrs.field(
+        default=60.0, metadata=_var("RFMVP_API_KEY_TOUCH_INTERVAL", _parse_positive_float,
+                                    _POS_FLOAT, "How often a stored key's last-used time is "
+                                    "written, at most (batched, off the request path)."))
 
 
 @attrs.frozen
@@ -290,6 +345,28 @@ class PerformanceConfig:
     window_size: int = attrs.field(
         default=4096, metadata=_var("RFMVP_PERF_WINDOW_SIZE", _parse_positive_int, _POS_INT,
                                     "Latency samples kept per operation for percentiles."))
+    balancer_min_share: float = attrs.field(
+        default=0.05, metadata=_var("RFMVP_BALANCER_MIN_SHARE", _parse_fraction,
+                                    "a number above 0 and at most 1",
+                                    "Least weight of an available module in the choice, as a "
+                                    "share of the best module's score (slow modules keep some "
+                                    "traffic to show they recovered)."))
+    alert_latency_factor: float = attrs.field(
+        default=3.0, metadata=_var("RFMVP_ALERT_LATENCY_FACTOR", _parse_positive_float,
+                                   "a number above 0", "A latency alert starts when a step's "
+                                   "p95 is above this many times its baseline."))
+    alert_min_latency_ms: float = attrs.field(
+        default=1.0, metadata=_var("RFMVP_ALERT_MIN_LATENCY_MS", _parse_positive_float,
+                                   "a number of milliseconds above 0", "No latency alert while "
+                                   "the p95 is at or below this (ignores sub-millisecond "
+                                   "jitter)."))
+    alert_error_rate: float = attrs.field(
+        default=0.5, metadata=_var("RFMVP_ALERT_ERROR_RATE", _parse_fraction,
+                                   "a number above 0 and at most 1", "An error-rate alert "
+                                   "starts when this share of a step's recent samples failed."))
+    alert_min_samples: int = attrs.field(
+        default=50, metadata=_var("RFMVP_ALERT_MIN_SAMPLES", _parse_positive_int, _POS_INT,
+                                  "Samples a step needs in its window before it can alert."))
 
 
 @attrs.frozen
@@ -306,11 +383,38 @@ class BackgroundConfig:
     reaper_interval: float = attrs.field(
         default=5.0, metadata=_var("RFMVP_REAPER_INTERVAL", _parse_positive_float, _POS_FLOAT,
                                    "How often expired leases are looked for."))
+    alert_interval: float = attrs.field(
+        default=30.0, metadata=_var("RFMVP_ALERT_INTERVAL", _parse_positive_float, _POS_FLOAT,
+                                    "How often step latencies and error rates are checked "
+                                    "for anomalies."))
+    leader_backend: str = attrs.field(
+        default="auto", metadata=_var(
+            "RFMVP_LEADER_BACKEND", _parse_choice("auto", "postgresql", "redis", "file", "none"),
+            "auto, postgresql, redis, file or none",
+            "How processes elect the one leader that runs cleanup and scoring: auto is a "
+            "PostgreSQL advisory lock on PostgreSQL, a Redis lock with SQLite and Redis, a "
+            "lock file next to a SQLite database; none makes every process lead."))
+    leader_interval: float = attrs.field(
+        default=5.0, metadata=_var("RFMVP_LEADER_INTERVAL", _parse_positive_float, _POS_FLOAT,
+                                   "How often the leader checks its lock and the others try "
+                                   "to take it (a Redis lock lives 3 times this)."))
     retention_days: float = attrs.field(
         default=30.0, metadata=_var("RFMVP_RETENTION_DAYS", _parse_positive_float,
                                     "a number of days above 0",
-                                    "How long finished robots, executions and audit records "
-                                    "are kept."))
+                                    "How long finished robots and their executions are kept "
+                                    "(audit records: RFMVP_AUDIT_RETENTION_DAYS)."))
+    scheduler_enabled: bool = attrs.field(
+        default=True, metadata=_var("RFMVP_SCHEDULER_ENABLED", _parse_bool, "true or false",
+                                    "Fire due schedules from this process (any number of "
+                                    "processes may; each due time fires once)."))
+    scheduler_interval: float = attrs.field(
+        default=1.0, metadata=_var("RFMVP_SCHEDULER_INTERVAL", _parse_positive_float,
+                                   _POS_FLOAT, "Longest the scheduler sleeps before looking "
+                                   "for schedules another process added or changed."))
+    misfire_grace: float = attrs.field(
+        default=1.0, metadata=_var("RFMVP_MISFIRE_GRACE_SECONDS", _parse_positive_float,
+                                   _POS_FLOAT, "How late a due time may fire and still be on "
+                                   "time; later ones follow the schedule's misfire policy."))
 
 
 @attrs.frozen
@@ -336,6 +440,12 @@ class Settings:
         for section, field in _settings_fields():
             value = getattr(self if section is None else getattr(self, section), field.name)
             parse = field.metadata["parse"]
+            if parse is _parse_fraction and not (
+                isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1
+            ):
+                raise ConfigError(
+                    f"{field.metadata['env']} has a bad value; expected {field.metadata['form']}"
+                )
             if parse in (_parse_positive_int, _parse_positive_float) and not (
                 isinstance(value, int | float) and not isinstance(value, bool) and value > 0
                 and value != float("inf")

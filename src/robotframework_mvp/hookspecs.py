@@ -7,9 +7,10 @@ score-based module selection) is implemented as plugins on these same hooks.
 
 Three families:
 
-- contribute: ``register_modules``, ``storage_driver``, ``cache_backend``;
+- contribute: ``register_modules``, ``storage_driver``, ``cache_backend``,
+  ``background_tasks``, ``notification_channels``;
 - decide (``firstresult``: the first non-None answer wins): ``authenticate``,
-  ``select_module``, ``validate_robot``;
+  ``select_module``, ``validate_robot``, ``payload_schema``;
 - observe (every implementation is called): ``on_startup``, ``on_shutdown``,
   ``on_robot_created``, ``on_robot_progress``, ``on_robot_finished``, ``on_alert``,
   ``on_audit_event``.
@@ -17,7 +18,7 @@ Three families:
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from .modules import Module
     from .orchestrator import Orchestrator
     from .performance import Alert
+    from .services.notifications import NotificationChannel
     from .state.driver import StorageDriver
 
 PROJECT_NAME = "robotframework_mvp"
@@ -77,6 +79,37 @@ def cache_backend(url: str, settings: Settings) -> CacheBackend | None:
     :param url: ``RFMVP_CACHE_URL``.
     :param settings: the orchestrator's settings.
     :return: an unopened :class:`~robotframework_mvp.cache.CacheBackend`, or None.
+    """
+
+
+@hookspec
+def background_tasks(orchestrator: Orchestrator) -> Sequence[Callable[[], Awaitable[None]]] | None:
+    """Contribute long-lived tasks (watchers, pollers) that run as long as the orchestrator.
+
+    Called once when the orchestrator starts, before ``on_startup``, with the store, cache
+    and modules ready. Each callable is started in the orchestrator's task group once the
+    worker runs; on shutdown the tasks are cancelled first, before the worker stops. A
+    task that raises is logged and not restarted: retry inside the task. Every
+    implementation is called. Not awaited; raise
+    :class:`~robotframework_mvp.errors.ConfigError` to refuse to start.
+
+    :param orchestrator: the running orchestrator (settings, state, ``submit``).
+    :return: a sequence of async callables taking no argument, or None.
+    """
+
+
+@hookspec
+def notification_channels(settings: Settings) -> Sequence[NotificationChannel] | None:
+    """Contribute delivery channels to the notification service, each under its name.
+
+    Called once when the built-in notification service
+    (``robotframework_mvp.services.notifications``) starts. A subscription sends through
+    a contributed channel by naming it (``"channel": "chat"``). Every implementation is
+    called; two channels with one name fail startup. Not awaited.
+
+    :param settings: the orchestrator's settings.
+    :return: a sequence of objects with a ``name`` attribute and an
+        ``async send(notification)`` method, or None.
     """
 
 
@@ -131,6 +164,23 @@ def validate_robot(
     :param payload: the sanitized payload.
     :param principal: who submits it.
     :return: a refusal message, or None.
+    """
+
+
+@hookspec(firstresult=True)
+def payload_schema(kind: str) -> dict[str, Any] | None:
+    """Declare the JSON Schema that payloads of ``kind`` must meet.
+
+    Called once per kind and orchestrator, at the first submission of that kind; the
+    answer is compiled and kept. Payloads are checked against it after sanitization and
+    before ``validate_robot``; a payload that breaks it is refused with 422 and the
+    offending field's path (``$.payload.x``). The built-in implementation (``trylast``)
+    serves the ``payload_schema=`` of ``@module``. Not awaited. Stops at the first
+    non-None result.
+
+    :param kind: the robot kind.
+    :return: a JSON Schema (any draft ``jsonschema`` knows; 2020-12 when it names
+        none), or None for no schema.
     """
 
 

@@ -17,7 +17,8 @@ import attrs
 
 from .errors import PayloadTooLargeError, RobotFrameworkError, ValidationError
 from .models import Robot, new_id
-from .security.auth import credential_from_headers
+from .security.auth import request_credential
+from .security.ratelimit import RATE_DECISION
 from .security.sanitize import parse_json_body, validate_delay, validate_wait
 from .security.validator import SubmitRequest
 
@@ -29,7 +30,10 @@ __all__ = ["API_PREFIX", "HttpApi", "HttpResponse", "read_body"]
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
-_SUBMIT_FIELDS = frozenset({"kind", "payload", "priority", "idempotency_key", "wait", "delay"})
+_SUBMIT_FIELDS = frozenset({"kind", "payload", "priority", "idempotency_key", "wait", "delay",
+                            "run_at", "on_success", "on_failure"})
+_SCHEDULE_FIELDS = frozenset({"kind", "payload", "cron", "timezone", "misfire_policy",
+                              "misfire_limit", "priority", "paused"})
 _BATCH_FIELDS = frozenset({"robots"})
 _MAX_BATCH = 1000
 
@@ -52,9 +56,10 @@ async def read_body(
 ) -> bytes:
     """Read a request body, refusing (413) before buffering more than ``limit`` bytes."""
     declared = {k.lower(): v for k, v in headers.items()}.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() \
+            and (len(declared) > 18 or int(declared) > limit):
         raise PayloadTooLargeError(
-            f"request body is {int(declared)} bytes; the limit is {limit}"
+            f"request body is {declared[:20]} bytes; the limit is {limit}"
         )
     body = bytearray()
     async for chunk in chunks:
@@ -84,6 +89,24 @@ class HttpApi:
         return self.orch.settings.security.max_payload_bytes + 4096
 
     async def _run(self, coro: Any) -> HttpResponse:
+        """Run a handler; errors become responses, and the caller's rate-limit state
+        becomes ``RateLimit-Limit/Remaining/Reset`` headers on whatever is answered."""
+        token = RATE_DECISION.set(None)
+        try:
+            response = await self._respond(coro)
+            decision = RATE_DECISION.get()
+        finally:
+            RATE_DECISION.reset(token)
+        if decision is None or "RateLimit-Limit" in response.headers:
+            return response
+        return attrs.evolve(response, headers={
+            **response.headers,
+            "RateLimit-Limit": str(decision.limit),
+            "RateLimit-Remaining": str(decision.remaining),
+            "RateLimit-Reset": str(max(0, int(-(-decision.reset_after // 1)))),
+        })
+
+    async def _respond(self, coro: Any) -> HttpResponse:
         try:
             result: HttpResponse = await coro
             return result
@@ -104,7 +127,7 @@ class HttpApi:
 
     async def _submit_robot(self, body: bytes, headers: Mapping[str, str],
                             client: str | None) -> HttpResponse:
-        api_key = credential_from_headers(headers)
+        api_key = request_credential(headers)
         limits = self.orch.security.limits
         data = parse_json_body(body, limits)
         _check_fields(data, _SUBMIT_FIELDS)
@@ -115,7 +138,9 @@ class HttpApi:
         robot = (await self.orch.submit_many(
             [SubmitRequest(kind=data.get("kind"),  # type: ignore[arg-type]  # validated inside
                            payload=data["payload"], priority=data.get("priority", 0),
-                           idempotency_key=data.get("idempotency_key"), delay=delay)],
+                           idempotency_key=data.get("idempotency_key"), delay=delay,
+                           run_at=data.get("run_at"), on_success=data.get("on_success"),
+                           on_failure=data.get("on_failure"))],
             api_key=api_key, client=client, request_id=_request_id(headers),
         ))[0]
         if wait:
@@ -128,7 +153,7 @@ class HttpApi:
 
     async def _submit_batch(self, body: bytes, headers: Mapping[str, str],
                             client: str | None) -> HttpResponse:
-        api_key = credential_from_headers(headers)
+        api_key = request_credential(headers)
         data = parse_json_body(body, self.orch.security.limits)
         _check_fields(data, _BATCH_FIELDS)
         items = data.get("robots")
@@ -144,7 +169,8 @@ class HttpApi:
             requests.append(SubmitRequest(
                 kind=item.get("kind"), payload=item.get("payload"),  # type: ignore[arg-type]
                 priority=item.get("priority", 0), idempotency_key=item.get("idempotency_key"),
-                delay=delay,
+                delay=delay, run_at=item.get("run_at"), on_success=item.get("on_success"),
+                on_failure=item.get("on_failure"),
             ))
         robots = await self.orch.submit_many(requests, api_key=api_key, client=client,
                                              request_id=_request_id(headers))
@@ -153,7 +179,7 @@ class HttpApi:
     async def get_robot(self, robot_id: str, headers: Mapping[str, str],
                         client: str | None) -> HttpResponse:
         async def run() -> HttpResponse:
-            robot = await self.orch.get(robot_id, api_key=credential_from_headers(headers),
+            robot = await self.orch.get(robot_id, api_key=request_credential(headers),
                                         client=client, request_id=_request_id(headers))
             return HttpResponse(200, _robot(robot))
 
@@ -162,20 +188,20 @@ class HttpApi:
     async def list_robots(self, query: Mapping[str, str], headers: Mapping[str, str],
                           client: str | None) -> HttpResponse:
         async def run() -> HttpResponse:
-            unknown = set(query) - {"status", "kind", "limit", "cursor"}
+            unknown = set(query) - {"status", "kind", "limit", "cursor", "order"}
             if unknown:
                 raise ValidationError(
                     f"unknown query parameter {sorted(unknown)[0][:64]!r}; use status, kind, "
-                    "limit, cursor", path=f"$.{sorted(unknown)[0][:64]}")
+                    "limit, cursor, order", path=f"$.{sorted(unknown)[0][:64]}")
             limit_text = query.get("limit", "50")
-            if not limit_text.isdigit():
+            if not (limit_text.isascii() and limit_text.isdigit()) or len(limit_text) > 9:
                 raise ValidationError("limit must be a whole number from 1 to 500",
                                       path="$.limit")
             page = await self.orch.list(
-                api_key=credential_from_headers(headers), status=query.get("status"),
+                api_key=request_credential(headers), status=query.get("status"),
                 kind=query.get("kind") or None, limit=int(limit_text),
                 cursor=query.get("cursor") or None, client=client,
-                request_id=_request_id(headers),
+                request_id=_request_id(headers), order=query.get("order") or "newest",
             )
             return HttpResponse(200, {"items": [_robot(r) for r in page.items],
                                       "next_cursor": page.next_cursor})
@@ -185,7 +211,7 @@ class HttpApi:
     async def cancel_robot(self, robot_id: str, headers: Mapping[str, str],
                            client: str | None) -> HttpResponse:
         async def run() -> HttpResponse:
-            robot = await self.orch.cancel(robot_id, api_key=credential_from_headers(headers),
+            robot = await self.orch.cancel(robot_id, api_key=request_credential(headers),
                                            client=client, request_id=_request_id(headers))
             return HttpResponse(200, _robot(robot))
 
@@ -194,7 +220,7 @@ class HttpApi:
     async def retry_robot(self, robot_id: str, headers: Mapping[str, str],
                           client: str | None) -> HttpResponse:
         async def run() -> HttpResponse:
-            robot = await self.orch.retry(robot_id, api_key=credential_from_headers(headers),
+            robot = await self.orch.retry(robot_id, api_key=request_credential(headers),
                                           client=client)
             return HttpResponse(202, _robot(robot))
 
@@ -206,7 +232,7 @@ class HttpApi:
             from .models import converter
 
             executions = await self.orch.executions(
-                robot_id, api_key=credential_from_headers(headers), client=client)
+                robot_id, api_key=request_credential(headers), client=client)
             return HttpResponse(200, {"items": converter.unstructure(executions)})
 
         return await self._run(run())
@@ -214,9 +240,78 @@ class HttpApi:
     async def list_modules(self, headers: Mapping[str, str], client: str | None
                            ) -> HttpResponse:
         async def run() -> HttpResponse:
-            rows = await self.orch.module_table(api_key=credential_from_headers(headers),
+            rows = await self.orch.module_table(api_key=request_credential(headers),
                                                 client=client)
             return HttpResponse(200, {"items": rows})
+
+        return await self._run(run())
+
+    # -- schedules ---------------------------------------------------------------------
+
+    async def add_schedule(self, body: bytes, headers: Mapping[str, str],
+                           client: str | None) -> HttpResponse:
+        async def run() -> HttpResponse:
+            api_key = request_credential(headers)
+            data = parse_json_body(body, self.orch.security.limits)
+            _check_fields(data, _SCHEDULE_FIELDS)
+            for name in ("kind", "cron"):
+                if name not in data:
+                    raise ValidationError(f"{name} is required", path=f"$.{name}")
+            schedule = await self.orch.add_schedule(
+                data["kind"], data.get("payload", {}), cron=data["cron"], api_key=api_key,
+                timezone=data.get("timezone", "UTC"),
+                misfire_policy=data.get("misfire_policy", "skip"),
+                misfire_limit=data.get("misfire_limit", 100),
+                priority=data.get("priority", 0), paused=data.get("paused", False),
+                client=client, request_id=_request_id(headers))
+            return HttpResponse(201, schedule.to_dict())
+
+        return await self._run(run())
+
+    async def list_schedules(self, query: Mapping[str, str], headers: Mapping[str, str],
+                             client: str | None) -> HttpResponse:
+        async def run() -> HttpResponse:
+            unknown = set(query) - {"limit", "cursor"}
+            if unknown:
+                name = sorted(unknown)[0][:64]
+                raise ValidationError(f"unknown query parameter {name!r}; use limit, cursor",
+                                      path=f"$.{name}")
+            limit_text = query.get("limit", "50")
+            if not (limit_text.isascii() and limit_text.isdigit()) or len(limit_text) > 9:
+                raise ValidationError("limit must be a whole number from 1 to 500",
+                                      path="$.limit")
+            page = await self.orch.list_schedules(
+                api_key=request_credential(headers), limit=int(limit_text),
+                cursor=query.get("cursor") or None, client=client,
+                request_id=_request_id(headers))
+            return HttpResponse(200, {"items": [s.to_dict() for s in page.items],
+                                      "next_cursor": page.next_cursor})
+
+        return await self._run(run())
+
+    async def get_schedule(self, schedule_id: str, headers: Mapping[str, str],
+                           client: str | None) -> HttpResponse:
+        return await self._schedule_call("get_schedule", schedule_id, headers, client)
+
+    async def pause_schedule(self, schedule_id: str, headers: Mapping[str, str],
+                             client: str | None) -> HttpResponse:
+        return await self._schedule_call("pause_schedule", schedule_id, headers, client)
+
+    async def resume_schedule(self, schedule_id: str, headers: Mapping[str, str],
+                              client: str | None) -> HttpResponse:
+        return await self._schedule_call("resume_schedule", schedule_id, headers, client)
+
+    async def remove_schedule(self, schedule_id: str, headers: Mapping[str, str],
+                              client: str | None) -> HttpResponse:
+        return await self._schedule_call("remove_schedule", schedule_id, headers, client)
+
+    async def _schedule_call(self, method: str, schedule_id: str, headers: Mapping[str, str],
+                             client: str | None) -> HttpResponse:
+        async def run() -> HttpResponse:
+            schedule = await getattr(self.orch, method)(
+                schedule_id, api_key=request_credential(headers), client=client,
+                request_id=_request_id(headers))
+            return HttpResponse(200, schedule.to_dict())
 
         return await self._run(run())
 
@@ -245,6 +340,41 @@ class HttpApi:
 
             text = await render_metrics(self.orch)
             return HttpResponse(200, text, media_type=CONTENT_TYPE)
+
+        return await self._run(run())
+
+    async def dashboard(self) -> HttpResponse:
+        """The dashboard page: static HTML that polls ``/dashboard/data`` (no key needed)."""
+        from .dashboard import CONTENT_SECURITY_POLICY, dashboard_page
+
+        return HttpResponse(200, dashboard_page(), {
+            "Content-Security-Policy": CONTENT_SECURITY_POLICY,
+            "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer", "Cache-Control": "no-store",
+        }, media_type="text/html; charset=utf-8")
+
+    async def dashboard_data(self, headers: Mapping[str, str], client: str | None
+                             ) -> HttpResponse:
+        """The dashboard's numbers: an admin key sees everything, recent failures too; with
+        ``RFMVP_DASHBOARD_PUBLIC=true`` a request without a key gets all but the failures."""
+        async def run() -> HttpResponse:
+            from .dashboard import dashboard_data
+            from .security.validator import RequestInfo
+
+            api_key = request_credential(headers)
+            if api_key is None and self.orch.settings.security.dashboard_public:
+                include_failures = False
+            else:
+                # Refusals are audited; a dashboard polls every 2 s, so successes are not.
+                info = RequestInfo(client=client, request_id=_request_id(headers) or new_id())
+                try:
+                    await self.orch.security.authorize(api_key, info, scope="admin")
+                except RobotFrameworkError as exc:
+                    self.orch.security.audit_refusal("dashboard.data", None, None, info, exc)
+                    raise
+                include_failures = True
+            data = await dashboard_data(self.orch, include_failures=include_failures)
+            return HttpResponse(200, data, {"Cache-Control": "no-store"})
 
         return await self._run(run())
 

@@ -82,9 +82,23 @@ class _Collector:
                                     labels=["module", "state"])
         health = GaugeMetricFamily("rfmvp_module_healthy", "1 if the last health check passed",
                                    labels=["module"])
+        success = GaugeMetricFamily("rfmvp_module_success_rate",
+                                    "EWMA of the module's attempts that succeeded (0-1)",
+                                    labels=["module"])
+        latency = GaugeMetricFamily("rfmvp_module_latency_seconds",
+                                    "Module latency: EWMA, and p95 of its recent attempts",
+                                    labels=["module", "statistic"])
+        scored: set[str] = set()
         for kind in sorted(orch.balancer.known_kinds()):
             for c in orch.balancer.candidates(kind):
+                if c.name in scored:
+                    continue  # a module serving several kinds is one series
+                scored.add(c.name)
                 score.add_metric([c.name], c.score)
+                success.add_metric([c.name], c.success_rate)
+                for statistic, ms in (("ewma", c.latency_ewma_ms), ("p95", c.latency_p95_ms)):
+                    if ms is not None:
+                        latency.add_metric([c.name, statistic], ms / 1000)
         for name, st in sorted(orch.module_stats.items()):
             load.add_metric([name], st.load)
             health.add_metric([name], 1.0 if st.health == "healthy" else 0.0)
@@ -94,6 +108,43 @@ class _Collector:
         yield load
         yield circuit
         yield health
+        yield success
+        yield latency
+
+        background = orch.background
+        alerts = GaugeMetricFamily("rfmvp_alerts_active", "1 for each anomaly alert active now",
+                                   labels=["key", "kind", "operation"])
+        for alert in background.alerts.active():
+            alerts.add_metric([alert.key, alert.kind, alert.operation], 1.0)
+        yield alerts
+        yield CounterMetricFamily("rfmvp_alerts_raised", "Anomaly alerts that started",
+                                  value=background.alerts.raised)
+        leader = background.leader
+        leads = GaugeMetricFamily("rfmvp_leader", "1 while this process is the leader",
+                                  labels=["backend"])
+        leads.add_metric([leader.backend], 1.0 if leader.is_leader else 0.0)
+        yield leads
+        runs = CounterMetricFamily("rfmvp_background_runs", "Iterations of each background loop",
+                                   labels=["loop"])
+        failures = CounterMetricFamily("rfmvp_background_failures",
+                                       "Iterations of each background loop that failed",
+                                       labels=["loop"])
+        skipped = CounterMetricFamily("rfmvp_background_skipped",
+                                      "Leader-only runs skipped because this process did not "
+                                      "lead", labels=["loop"])
+        last = GaugeMetricFamily("rfmvp_background_last_run_timestamp_seconds",
+                                 "When each loop last finished an iteration (UNIX time)",
+                                 labels=["loop"])
+        for loop_name in sorted(background.iterations):
+            runs.add_metric([loop_name], background.iterations[loop_name])
+            failures.add_metric([loop_name], background.failures.get(loop_name, 0))
+            skipped.add_metric([loop_name], background.skipped.get(loop_name, 0))
+        for loop_name, at in sorted(background.last_run.items()):
+            last.add_metric([loop_name], at)
+        yield runs
+        yield failures
+        yield skipped
+        yield last
 
         cache = orch.cache.stats()
         yield CounterMetricFamily("rfmvp_cache_hits", "Cache hits", value=cache["hits"])

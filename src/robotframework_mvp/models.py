@@ -17,16 +17,22 @@ import attrs
 import cattrs
 import uuid_utils
 
+from .config import RateLimit
+
 __all__ = [
     "TERMINAL_STATUSES",
+    "ApiKey",
     "AuditEvent",
     "ErrorInfo",
     "Execution",
     "ExecutionStatus",
+    "FollowUp",
+    "MisfirePolicy",
     "ModuleRecord",
     "Principal",
     "Robot",
     "RobotStatus",
+    "Schedule",
     "audit_hash",
     "converter",
     "new_id",
@@ -89,10 +95,27 @@ class Principal:
     id: str
     tenant: str
     scopes: frozenset[str] = frozenset({"robots:read", "robots:write"})
+    #: the public prefix of the stored API key that authenticated this call, if any
+    key_prefix: str | None = None
+    #: this key's own rate limit, used instead of ``RFMVP_RATE_LIMIT`` when set
+    rate_limit: RateLimit | None = None
 
     @property
     def is_admin(self) -> bool:
         return "admin" in self.scopes
+
+
+@attrs.frozen
+class FollowUp:
+    """A robot to create when another ends: ``kind`` and a payload template.
+
+    In the template, a string exactly equal to ``$parent.id``, ``$parent.error``,
+    ``$parent.result`` or ``$parent.result.<dotted.path>`` is replaced by that value of
+    the parent (see ``robotframework_mvp.chains.render_payload``).
+    """
+
+    kind: str
+    payload: JSONObject = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -119,6 +142,14 @@ class Robot:
     scheduled_at: datetime = attrs.field(factory=utcnow)
     lease_expires_at: datetime | None = None
     lease_token: str | None = attrs.field(default=None, repr=False)
+    #: the robot whose completion created this one (a chain), and which follow-up it was
+    parent_id: str | None = None
+    parent_trigger: str | None = None
+    #: the schedule that fired this robot; its ``scheduled_at`` is the due time
+    schedule_id: str | None = None
+    #: robots to create when this one succeeds / fails (see docs/scheduling.md)
+    on_success: FollowUp | None = None
+    on_failure: FollowUp | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -166,6 +197,47 @@ class ModuleRecord:
     updated_at: datetime | None = None
 
 
+class MisfirePolicy(enum.StrEnum):
+    """What a schedule does with due times that passed while no process could fire them."""
+
+    #: fire none of them (only due times within the misfire grace fire)
+    SKIP = "skip"
+    #: fire one robot for all of them (at the latest missed due time)
+    RUN_ONCE = "run_once"
+    #: fire one robot per missed due time, the latest ``misfire_limit`` of them
+    RUN_ALL = "run_all"
+
+
+@attrs.frozen
+class Schedule:
+    """A cron expression that fires robots of ``kind`` with ``payload`` when due.
+
+    ``last_due_at``: every due time up to it has been decided (fired or skipped);
+    ``next_due_at``: the first due time after it.
+    """
+
+    id: str
+    owner: str
+    tenant: str
+    cron: str
+    timezone: str
+    kind: str
+    payload: JSONObject
+    misfire_policy: MisfirePolicy
+    last_due_at: datetime
+    next_due_at: datetime
+    priority: int = 0
+    misfire_limit: int = 100
+    paused: bool = False
+    created_at: datetime = attrs.field(factory=utcnow)
+    updated_at: datetime = attrs.field(factory=utcnow)
+
+    def to_dict(self) -> JSONObject:
+        """The schedule as the HTTP contract shows it."""
+        data: JSONObject = converter.unstructure(self)
+        return data
+
+
 @attrs.frozen
 class AuditEvent:
     """One audited request. ``hash`` chains it to ``prev_hash`` (tamper evidence)."""
@@ -180,6 +252,37 @@ class AuditEvent:
     details: JSONObject = attrs.field(factory=dict)
     prev_hash: str | None = None
     hash: str | None = None
+
+
+@attrs.frozen
+class ApiKey:
+    """A stored API key: who it stands for, and its keyed digest (never the secret).
+
+    The key itself (``rfmvp_<prefix>_<secret>``) is shown once, when it is created;
+    ``prefix`` is public and identifies the key, ``digest`` is the HMAC-SHA-256 of the
+    secret under the server pepper (``RFMVP_SECRET_KEY``).
+    """
+
+    id: str
+    prefix: str
+    digest: str = attrs.field(repr=False)
+    principal: str
+    tenant: str
+    scopes: frozenset[str]
+    created_at: datetime
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    rate_limit: RateLimit | None = None
+    last_used_at: datetime | None = None
+    description: str = ""
+
+    def state(self, now: datetime) -> str:
+        """``active``, ``expired`` or ``revoked`` at ``now``."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        return "active"
 
 
 def audit_hash(prev_hash: str | None, event: AuditEvent) -> str:

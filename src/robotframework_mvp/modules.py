@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import anyio.from_thread
 import attrs
 
-from .errors import ValidationError
+from .errors import ConfigError, ValidationError
 
 if TYPE_CHECKING:
     from .models import Robot
@@ -69,6 +69,8 @@ class Module:
     max_attempts: int | None = None
     health_func: HealthFunc | None = attrs.field(default=None, repr=False)
     description: str = ""
+    #: JSON Schema every payload of this module's kinds must meet (checked at submission)
+    payload_schema: Mapping[str, Any] | None = attrs.field(default=None, repr=False)
 
     @property
     def is_async(self) -> bool:
@@ -119,12 +121,14 @@ def module(
     timeout: float | None = None,
     max_attempts: int | None = None,
     health_check: HealthFunc | None = None,
+    payload_schema: Mapping[str, Any] | None = None,
 ) -> Callable[[ProcessFunc], Module]:
     """Turn ``async def`` or ``def`` ``(robot, ctx) -> dict`` into a Module.
 
     ``kinds`` defaults to ``[name]``; ``capacity`` bounds robots running at once on this
     module per process; ``timeout`` (seconds) ends an attempt as ``timed_out``;
-    ``max_attempts`` overrides the default retry budget.
+    ``max_attempts`` overrides the default retry budget; ``payload_schema`` is a JSON
+    Schema that every submitted payload must meet (else 422 naming the offending field).
     """
     kinds = tuple(kinds) if kinds is not None else (name,)
     if not name or not kinds or any(not k for k in kinds):
@@ -135,6 +139,13 @@ def module(
         raise ValidationError(f"module {name!r}: timeout must be above 0 seconds")
     if max_attempts is not None and max_attempts < 1:
         raise ValidationError(f"module {name!r}: max_attempts must be at least 1")
+    if payload_schema is not None:
+        from .security.schemas import check_schema
+
+        try:
+            check_schema(payload_schema, f"module {name!r}")
+        except ConfigError as exc:
+            raise ValidationError(exc.message) from None
 
     def wrap(func: ProcessFunc) -> Module:
         doc = inspect.getdoc(func) or ""
@@ -147,6 +158,7 @@ def module(
             max_attempts=max_attempts,
             health_func=health_check,
             description=doc.split("\n\n")[0],
+            payload_schema=payload_schema,
         )
 
     return wrap

@@ -13,9 +13,9 @@ from __future__ import annotations
 import builtins
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self
 
 import anyio
@@ -25,6 +25,7 @@ from anyio import AsyncContextManagerMixin
 
 from .balancing import LoadBalancer, ModuleStats
 from .cache.manager import CacheManager
+from .chains import followup_for, render_payload
 from .config import Settings
 from .errors import (
     ConfigError,
@@ -36,7 +37,9 @@ from .errors import (
 )
 from .models import (
     AuditEvent,
+    ErrorInfo,
     Execution,
+    FollowUp,
     ModuleRecord,
     Principal,
     Robot,
@@ -47,6 +50,7 @@ from .models import (
 from .modules import Module
 from .performance import PerformanceTracker
 from .plugins import build_plugin_manager, call_observers, collect_modules
+from .scheduling import ScheduleApi, SchedulePage, Scheduler
 from .security.audit import AuditLog
 from .security.validator import (
     RequestInfo,
@@ -57,7 +61,7 @@ from .security.validator import (
 from .state.manager import StateManager
 from .worker import Worker
 
-__all__ = ["Orchestrator", "Page"]
+__all__ = ["Orchestrator", "Page", "SchedulePage"]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +74,7 @@ class Page:
     next_cursor: str | None
 
 
-class Orchestrator(AsyncContextManagerMixin):
+class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
     """Runs robots. Use as ``async with Orchestrator(settings) as orch: ...``."""
 
     def __init__(
@@ -120,6 +124,7 @@ class Orchestrator(AsyncContextManagerMixin):
             # Every live process rewrites its module records at each health or score run.
             stale_after=3 * min(settings.background.health_interval,
                                 settings.background.scores_interval) + 60,
+            min_share=settings.performance.balancer_min_share,
         )
         await driver.open()
         try:
@@ -135,9 +140,17 @@ class Orchestrator(AsyncContextManagerMixin):
                     settings=settings, state=self.state, modules=self.modules,
                     stats=self.module_stats, tracker=self.tracker,
                     on_progress=self._robot_progressed, on_finished=self._robot_finished,
+                    make_followup=self._followup_robot,
                 )
+                self.scheduler = Scheduler(self)
+                # Collected before the task group, so a ConfigError fails startup as is
+                # (not wrapped in an ExceptionGroup); the tasks start after the worker.
+                plugin_tasks = [
+                    task for contributed in self.pm.hook.background_tasks(orchestrator=self)
+                    for task in contributed or ()]
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.audit.run)
+                    tg.start_soon(self.security.run)
                     from .background import BackgroundLoops
 
                     self.background = BackgroundLoops(self)
@@ -153,10 +166,19 @@ class Orchestrator(AsyncContextManagerMixin):
                         listen = getattr(driver, "listen", None)
                         if listen is not None:
                             await tg.start(listen, self.worker.wake)
+                    if settings.background.scheduler_enabled:
+                        await tg.start(self.scheduler.run)
+                    plugin_scope = anyio.CancelScope()
+                    self._plugin_tasks_stopped = anyio.Event()
+                    await tg.start(self._run_plugin_tasks, plugin_tasks, plugin_scope)
                     try:
                         yield self
                     finally:
                         with anyio.CancelScope(shield=True):
+                            # Plugin tasks (mail watchers ...) stop first: no new work
+                            # arrives while the worker drains.
+                            plugin_scope.cancel()
+                            await self._plugin_tasks_stopped.wait()
                             worker_scope.cancel()
                             await self._worker_stopped.wait()
                             await self._call_observers("on_shutdown", orchestrator=self)
@@ -178,6 +200,20 @@ class Orchestrator(AsyncContextManagerMixin):
                 await self.worker.run(task_status=task_status)
         finally:
             self._worker_stopped.set()
+
+    async def _run_plugin_tasks(
+        self, tasks: Sequence[Callable[[], Awaitable[None]]], scope: anyio.CancelScope,
+        *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run the ``background_tasks`` callables until ``scope`` is cancelled."""
+        try:
+            with scope:
+                async with anyio.create_task_group() as plugin_tg:
+                    for task in tasks:
+                        plugin_tg.start_soon(_supervised, task)
+                    task_status.started()
+        finally:
+            self._plugin_tasks_stopped.set()
 
     async def _register_modules(self) -> None:
         records = [
@@ -224,12 +260,24 @@ class Orchestrator(AsyncContextManagerMixin):
         idempotency_key: str | None = None,
         client: str | None = None,
         request_id: str | None = None,
+        run_at: datetime | None = None,
+        delay: float | None = None,
+        on_success: Mapping[str, Any] | FollowUp | None = None,
+        on_failure: Mapping[str, Any] | FollowUp | None = None,
+        connection: Any = None,
     ) -> Robot:
-        """Create a robot; it is queued for a worker at once. Returns the stored robot."""
+        """Create a robot; it is queued for a worker at once. Returns the stored robot.
+
+        ``run_at`` (an aware datetime) or ``delay`` (seconds), not both, hold it back
+        until then. ``on_success`` / ``on_failure`` (``{"kind", "payload"}``) create a
+        follow-up when it ends. ``connection`` (a psycopg ``AsyncConnection``, PostgreSQL
+        only) writes it inside the caller's open transaction: see docs/scheduling.md.
+        """
         request = SubmitRequest(kind=kind, payload=payload, priority=priority,
-                                idempotency_key=idempotency_key)
+                                idempotency_key=idempotency_key, delay=delay, run_at=run_at,
+                                on_success=on_success, on_failure=on_failure)
         return (await self.submit_many([request], api_key=api_key, client=client,
-                                       request_id=request_id))[0]
+                                       request_id=request_id, connection=connection))[0]
 
     async def submit_many(
         self,
@@ -238,44 +286,87 @@ class Orchestrator(AsyncContextManagerMixin):
         api_key: str | None,
         client: str | None = None,
         request_id: str | None = None,
+        connection: Any = None,
     ) -> list[Robot]:
-        """Create many robots in one write: authenticated once, each sanitized and audited."""
+        """Create many robots in one write: authenticated once, each sanitized and audited.
+
+        With ``connection`` (PostgreSQL only), the write happens inside the caller's open
+        transaction and commits (or not) with it; see ``submit``.
+        """
         info = RequestInfo(client=client, request_id=request_id or new_id())
         action = "robots.submit" if len(requests) == 1 else "robots.submit_many"
         principal: Principal | None = None
         try:
+            in_transaction = getattr(self.driver, "create_robots_in_transaction", None)
+            if connection is not None and in_transaction is None:
+                raise ValidationError(
+                    "connection= (transactional submission) needs the PostgreSQL storage "
+                    f"driver; this orchestrator uses {self.driver.name!r}",
+                    path="$.connection")
             principal, sanitized = await self.security.validate_submission(
                 api_key, info, requests)
             robots = [self._new_robot(item, principal) for item in sanitized]
-            created = await self.state.create_robots(robots)
+            if connection is not None and in_transaction is not None:
+                # Not cached and no hook: the robot exists only if the caller commits.
+                with self.tracker.measure("state.create_robot"):
+                    created = await in_transaction(connection, robots)
+            else:
+                created = await self.state.create_robots(robots)
         except RobotFrameworkError as exc:
             self.security.audit_refusal(action, principal, None, info, exc)
             raise
         for robot, is_new in created:
-            self.audit.record(action="robots.submit", outcome="created" if is_new else "existing",
+            outcome = ("existing" if not is_new else "created_in_transaction"
+                       if connection is not None else "created")
+            self.audit.record(action="robots.submit", outcome=outcome,
                               principal=principal.id, target=robot.id, client=info.client,
                               request_id=info.request_id, details={"kind": robot.kind})
-            if is_new:
+            if is_new and connection is None:
                 await self._call_observers("on_robot_created", robot=robot)
-        if any(is_new for _, is_new in created):
+        if connection is None and any(is_new for _, is_new in created):
             self.worker.wake()
         return [robot for robot, _ in created]
 
     def _new_robot(self, item: SanitizedRequest, principal: Principal) -> Robot:
         """Step 2 (module selection) and the robot row that step 3 writes."""
-        module_name = self.balancer.select(item.kind)
+        return self.build_robot(
+            item.kind, item.payload, owner=principal.id, tenant=principal.tenant,
+            priority=item.priority, scheduled_at=item.run_at,
+            idempotency_key=item.idempotency_key, on_success=item.on_success,
+            on_failure=item.on_failure,
+        )
+
+    def build_robot(self, kind: str, payload: Mapping[str, Any], *, owner: str, tenant: str,
+                    priority: int = 0, scheduled_at: datetime | None = None,
+                    **fields: Any) -> Robot:
+        """A new queued robot of ``kind`` with its module chosen (step 2), not stored yet.
+
+        ``scheduled_at`` in the past (or None) means now.
+        """
+        module_name = self.balancer.select(kind)
         module = self.modules.get(module_name)
         max_attempts = (module.max_attempts if module is not None
                         else self.balancer.max_attempts(module_name)
                         ) or self.settings.resilience.default_max_attempts
         now = utcnow()
         return Robot(
-            id=new_id(), kind=item.kind, payload=item.payload, owner=principal.id,
-            tenant=principal.tenant, status=RobotStatus.QUEUED, module=module_name,
-            max_attempts=max_attempts, priority=item.priority,
-            idempotency_key=item.idempotency_key, created_at=now, updated_at=now,
-            scheduled_at=now if not item.delay else now + timedelta(seconds=item.delay),
+            id=new_id(), kind=kind, payload=dict(payload), owner=owner, tenant=tenant,
+            status=RobotStatus.QUEUED, module=module_name, max_attempts=max_attempts,
+            priority=priority, created_at=now, updated_at=now,
+            scheduled_at=now if scheduled_at is None else max(now, scheduled_at), **fields,
         )
+
+    def _followup_robot(self, parent: Robot, status: RobotStatus,
+                        result: dict[str, Any] | None, error: ErrorInfo | None) -> Robot | None:
+        """The chain child that ``parent`` ending as ``status`` creates, or None."""
+        found = followup_for(parent, status)
+        if found is None:
+            return None
+        trigger, followup = found
+        payload = render_payload(followup.payload, parent.id, result, error)
+        return self.build_robot(followup.kind, payload, owner=parent.owner,
+                                tenant=parent.tenant, priority=parent.priority,
+                                parent_id=parent.id, parent_trigger=trigger)
 
     async def get(self, robot_id: str, *, api_key: str | None, client: str | None = None,
                   request_id: str | None = None) -> Robot:
@@ -302,8 +393,10 @@ class Orchestrator(AsyncContextManagerMixin):
         cursor: str | None = None,
         client: str | None = None,
         request_id: str | None = None,
+        order: str = "newest",
     ) -> Page:
-        """The caller's robots, newest first, ``limit`` (1-500) at a time."""
+        """The caller's robots, ``limit`` (1-500) at a time: newest first, or with
+        ``order="due"`` earliest ``scheduled_at`` first (delayed robots by due time)."""
         info = RequestInfo(client=client, request_id=request_id or new_id())
         principal: Principal | None = None
         try:
@@ -311,13 +404,21 @@ class Orchestrator(AsyncContextManagerMixin):
             status_value = _parse_status(status)
             if not 1 <= limit <= 500:
                 raise ValidationError("limit must be between 1 and 500", path="$.limit")
+            if order not in ("newest", "due"):
+                raise ValidationError("order must be newest or due", path="$.order")
             if cursor is not None and (len(cursor) > 64 or not cursor.isprintable()):
                 raise ValidationError("cursor is not one this server handed out",
                                       path="$.cursor")
-            items = await self.state.list_robots(
-                tenant=None if principal.is_admin else principal.tenant,
-                status=status_value, kind=kind, limit=limit + 1, before_id=cursor,
-            )
+            tenant = None if principal.is_admin else principal.tenant
+            if order == "due":
+                items = await self.state.driver.list_robots_by_due(
+                    tenant=tenant, status=status_value, kind=kind, limit=limit + 1,
+                    after=None if cursor is None else _parse_due_cursor(cursor))
+            else:
+                items = await self.state.list_robots(
+                    tenant=tenant, status=status_value, kind=kind, limit=limit + 1,
+                    before_id=cursor,
+                )
         except RobotFrameworkError as exc:
             self.security.audit_refusal("robots.list", principal, None, info, exc)
             raise
@@ -326,7 +427,10 @@ class Orchestrator(AsyncContextManagerMixin):
                           details={"count": min(len(items), limit)})
         more = len(items) > limit
         items = items[:limit]
-        return Page(items=items, next_cursor=items[-1].id if more else None)
+        if not more:
+            return Page(items=items, next_cursor=None)
+        last = items[-1]
+        return Page(items=items, next_cursor=_due_cursor(last) if order == "due" else last.id)
 
     async def cancel(self, robot_id: str, *, api_key: str | None, client: str | None = None,
                      request_id: str | None = None) -> Robot:
@@ -455,7 +559,7 @@ class Orchestrator(AsyncContextManagerMixin):
             components[name] = {"status": status, "backend": (self.driver.name if name == "store"
                                                               else self.cache.backend.name),
                                 "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
-        components["rate_limiter"] = {"status": "ok", "mode": self.security.limiter.status}
+        components["rate_limiter"] = self.security.limiter.health()
         components["worker"] = {
             "status": "ok", "enabled": self.settings.worker.enabled and bool(self.modules),
             "running": len(self.worker.running), "concurrency": self.worker.concurrency,
@@ -465,6 +569,13 @@ class Orchestrator(AsyncContextManagerMixin):
             "known": bool(self.balancer.known_kinds()),
             "health": {name: st.health for name, st in sorted(self.module_stats.items())},
         }
+        background = getattr(self, "background", None)
+        if background is not None:
+            # Informational: neither makes the instance degraded.
+            components["leader"] = {"status": "ok", "leader": background.leader.is_leader,
+                                    "backend": background.leader.backend}
+            components["alerts"] = {"status": "ok",
+                                    "active": [a.key for a in background.alerts.active()]}
         overall = "ok"
         if any(c["status"] == "degraded" for c in components.values()):
             overall = "degraded"
@@ -507,6 +618,33 @@ class Orchestrator(AsyncContextManagerMixin):
     def require_admin(self, principal: Principal) -> None:
         if not principal.is_admin:
             raise PermissionDeniedError("this needs the admin scope")
+
+
+async def _supervised(task: Callable[[], Awaitable[None]]) -> None:
+    """A plugin's background task; one that fails is logged, never fatal to the others."""
+    try:
+        await task()
+    except Exception:
+        log.exception("background task %s of a plugin failed; it is not restarted",
+                      getattr(task, "__qualname__", repr(task)))
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _due_cursor(robot: Robot) -> str:
+    """``<scheduled_at in microseconds since the epoch>_<id>``: where a due page ends."""
+    micros = (robot.scheduled_at - _EPOCH) // timedelta(microseconds=1)
+    return f"{micros}_{robot.id}"
+
+
+def _parse_due_cursor(cursor: str) -> tuple[datetime, str]:
+    micros, sep, robot_id = cursor.partition("_")
+    if not sep or not (micros.isascii() and micros.isdigit()) or not robot_id \
+            or len(micros) > 18:
+        raise ValidationError("cursor is not one this server handed out (for order=due)",
+                              path="$.cursor")
+    return _EPOCH + timedelta(microseconds=int(micros)), robot_id
 
 
 def _scheme(url: str) -> str:

@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import attrs
 
+from .tracing import SpanScope, Tracer, default_tracer, record_span, start_span
+
 __all__ = [
     "BUCKETS_MS",
     "OPERATIONS",
@@ -238,16 +240,21 @@ class _Measure:
 
     A ``BaseException`` that is not an ``Exception`` (task cancellation, ``KeyboardInterrupt``
     ...) is recorded with its duration but not counted as an error. Never suppresses.
+    With a tracer, the block also runs in an OpenTelemetry span named after the operation.
     """
 
-    __slots__ = ("_operation", "_start", "_tracker")
+    __slots__ = ("_operation", "_span", "_start", "_tracker")
 
     def __init__(self, tracker: PerformanceTracker, operation: str) -> None:
         self._tracker = tracker
         self._operation = operation
         self._start = 0.0
+        self._span: SpanScope | None = None
 
     def __enter__(self) -> None:
+        tracer = self._tracker.tracer
+        if tracer is not None:
+            self._span = start_span(tracer, self._operation)
         self._start = perf_counter()
 
     def __exit__(
@@ -259,6 +266,8 @@ class _Measure:
         self._tracker.record(
             self._operation, (perf_counter() - self._start) * 1000.0, isinstance(exc, Exception)
         )
+        if self._span is not None:
+            self._span.close(exc)
 
 
 class PerformanceTracker:
@@ -269,7 +278,8 @@ class PerformanceTracker:
     from a bounded set such as ``OPERATIONS``.
     """
 
-    def __init__(self, window_size: int = 4096, ewma_alpha: float = 0.1) -> None:
+    def __init__(self, window_size: int = 4096, ewma_alpha: float = 0.1, *,
+                 tracer: Tracer | Literal["default"] | None = "default") -> None:
         if window_size < 1:
             raise ValueError("window_size must be at least 1")
         if not 0.0 < ewma_alpha <= 1.0:
@@ -277,6 +287,9 @@ class PerformanceTracker:
         self._window_size = window_size
         self._ewma_alpha = ewma_alpha
         self._metrics: dict[str, OperationMetrics] = {}
+        #: OpenTelemetry tracer for one span per measured step: by default the global one
+        #: when opentelemetry-api is installed (see ``tracing``), None to trace nothing
+        self.tracer: Tracer | None = default_tracer() if isinstance(tracer, str) else tracer
 
     @property
     def window_size(self) -> int:
@@ -298,11 +311,19 @@ class PerformanceTracker:
     def measure(self, operation: str) -> AbstractContextManager[None]:
         """``with tracker.measure("module.process"): ...`` times the block (awaits included).
 
-        An escaping ``Exception`` is recorded as an error and propagates; cancellation (any
+        With a tracer, the block runs in a span named ``operation``. An escaping
+        ``Exception`` is recorded as an error and propagates; cancellation (any
         ``BaseException`` that is not an ``Exception``) is recorded, not as an error, and
         propagates.
         """
         return _Measure(self, operation)
+
+    def record_span(self, operation: str, start_ns: int, end_ns: int, *, error: bool = False,
+                    attributes: dict[str, Any] | None = None) -> None:
+        """With a tracer, a finished span for a step timed by hand (``time.time_ns()``)."""
+        if self.tracer is not None:
+            record_span(self.tracer, operation, start_ns, end_ns, error=error,
+                        attributes=attributes)
 
     def stats(self, operation: str) -> OperationStats | None:
         """The stats of ``operation``, or None if it was never recorded."""

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import pluggy
 
 from . import hookspecs
-from .balancing import Candidate, weighted_choice
+from .balancing import Candidate
 from .cache.backend import CacheBackend
 from .cache.memory import MemoryBackend
 from .config import Settings
@@ -110,7 +110,9 @@ class BuiltinPlugin:
 
     @hookimpl(trylast=True)
     def select_module(self, kind: str, candidates: Sequence[Candidate]) -> str | None:
-        return weighted_choice(candidates)
+        # Defer: the LoadBalancer's own strategy (weighted by score, with a minimum share
+        # per module, RFMVP_BALANCER_MIN_SHARE) decides when no plugin does.
+        return None
 
 
 def build_plugin_manager(

@@ -37,6 +37,11 @@ __all__ = ["Worker"]
 log = logging.getLogger(__name__)
 
 
+#: builds a chain's follow-up robot for (parent, its end status, result, error), or None
+FollowupFactory = Callable[
+    [Robot, RobotStatus, "dict[str, object] | None", "ErrorInfo | None"], "Robot | None"]
+
+
 @attrs.define(eq=False)
 class _Running:
     claim: Claim
@@ -61,6 +66,7 @@ class Worker:
         tracker: PerformanceTracker,
         on_progress: Callable[[Robot], Awaitable[None]],
         on_finished: Callable[[Robot], Awaitable[None]],
+        make_followup: FollowupFactory | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
@@ -69,6 +75,7 @@ class Worker:
         self.tracker = tracker
         self.on_progress = on_progress
         self.on_finished = on_finished
+        self.make_followup = make_followup
         self.id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.running: dict[str, _Running] = {}
         self._wake = anyio.Event()
@@ -236,17 +243,27 @@ class Worker:
             scheduled_at = now + timedelta(seconds=delay)
         else:
             status, exec_status = RobotStatus.FAILED, ExecutionStatus.FAILED
+        followup = None
+        if status.is_terminal and self.make_followup is not None:
+            try:
+                followup = self.make_followup(
+                    robot, status, result if status is RobotStatus.SUCCEEDED else None, error)
+            except Exception:
+                log.exception("robot %s: its follow-up could not be built; it ends without",
+                              robot.id)
         completion = Completion(
             robot_id=robot.id, lease_token=token, status=status,
             execution_status=str(exec_status), finished_at=now, duration_ms=duration_ms,
             result=result if status is RobotStatus.SUCCEEDED else None, error=error,
-            scheduled_at=scheduled_at,
+            scheduled_at=scheduled_at, followup=followup,
         )
         stored = await self.state.complete(completion)
         if stored is None:
             log.warning("robot %s: lease lost before completion; result dropped", robot.id)
             return
         self.completed += 1
+        if followup is not None:
+            self.wake()  # the follow-up was queued with the completion
         if stored.is_terminal:
             await self.on_finished(stored)
         elif scheduled_at is not None:

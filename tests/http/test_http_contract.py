@@ -486,7 +486,9 @@ def test_fastapi_publishes_the_contract_in_openapi(tmp_path: Any) -> None:
     assert set(paths) == {
         ROBOTS, ROBOTS + ":batch", ROBOTS + "/{robot_id}", ROBOTS + "/{robot_id}/cancel",
         ROBOTS + "/{robot_id}/retry", ROBOTS + "/{robot_id}/executions", "/api/v1/modules",
-        "/health", "/health/ready", "/metrics"}
+        "/api/v1/schedules", "/api/v1/schedules/{schedule_id}",
+        "/api/v1/schedules/{schedule_id}/pause", "/api/v1/schedules/{schedule_id}/resume",
+        "/health", "/health/ready", "/metrics", "/dashboard", "/dashboard/data"}
     submit_op = paths[ROBOTS]["post"]
     assert submit_op["requestBody"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/SubmitRobot"}

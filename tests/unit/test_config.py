@@ -55,6 +55,9 @@ VALID: dict[str, tuple[str, Any]] = {
     "RFMVP_ADMIN_PRINCIPALS": ("root, ops", ("root", "ops")),
     "RFMVP_SECRET_KEY": ("pepper-pepper-pepper", "pepper-pepper-pepper"),
     "RFMVP_RATE_LIMIT": ("100/minute", RateLimit(100, 60.0)),
+    "RFMVP_RATE_LIMIT_FALLBACK": (" Closed ", "closed"),
+    "RFMVP_AUDIT_RETENTION_DAYS": ("90", 90.0),
+    "RFMVP_API_KEY_TOUCH_INTERVAL": ("5", 5.0),
     "RFMVP_AUTH_FAILURE_LIMIT": ("5/hour", RateLimit(5, 3600.0)),
     "RFMVP_MAX_PAYLOAD_BYTES": ("1024", 1024),
     "RFMVP_MAX_DEPTH": ("8", 8),
@@ -72,11 +75,23 @@ VALID: dict[str, tuple[str, Any]] = {
     "RFMVP_DEFAULT_MAX_ATTEMPTS": ("5", 5),
     "RFMVP_DEFAULT_TIMEOUT": ("90", 90.0),
     "RFMVP_PERF_WINDOW_SIZE": ("1000", 1000),
+    "RFMVP_BALANCER_MIN_SHARE": ("0.1", 0.1),
+    "RFMVP_ALERT_LATENCY_FACTOR": ("4", 4.0),
+    "RFMVP_ALERT_MIN_LATENCY_MS": ("2.5", 2.5),
+    "RFMVP_ALERT_ERROR_RATE": ("0.25", 0.25),
+    "RFMVP_ALERT_MIN_SAMPLES": ("20", 20),
+    "RFMVP_ALERT_INTERVAL": ("10", 10.0),
+    "RFMVP_LEADER_BACKEND": ("Redis", "redis"),
+    "RFMVP_LEADER_INTERVAL": ("2", 2.0),
+    "RFMVP_DASHBOARD_PUBLIC": ("yes", True),
     "RFMVP_HEALTH_INTERVAL": ("60", 60.0),
     "RFMVP_SCORES_INTERVAL": ("120", 120.0),
     "RFMVP_CLEANUP_INTERVAL": ("3600", 3600.0),
     "RFMVP_REAPER_INTERVAL": ("2", 2.0),
     "RFMVP_RETENTION_DAYS": ("7", 7.0),
+    "RFMVP_SCHEDULER_ENABLED": ("false", False),
+    "RFMVP_SCHEDULER_INTERVAL": ("0.5", 0.5),
+    "RFMVP_MISFIRE_GRACE_SECONDS": ("2.5", 2.5),
     "RFMVP_PLUGINS": ("acme.robots, acme.more_robots", ("acme.robots", "acme.more_robots")),
 }
 
@@ -87,8 +102,12 @@ INVALID: dict[str, list[str]] = {
     "RFMVP_API_KEYS": [f"alice{SECRET}", "alice:short", f":{SECRET}", f"alice:{SECRET},bob"],
     "RFMVP_RATE_LIMIT": ["100", "100/fortnight", "-5/minute", "lots", "0/minute"],
     "RFMVP_AUTH_FAILURE_LIMIT": ["5 per hour"],
+    "RFMVP_RATE_LIMIT_FALLBACK": ["fail", "", "shared"],
     "RFMVP_STORAGE_MIGRATE_ON_STARTUP": ["maybe", ""],
     "RFMVP_WORKER_ENABLED": ["2"],
+    "RFMVP_SCHEDULER_ENABLED": ["sometimes"],
+    "RFMVP_LEADER_BACKEND": ["zookeeper", ""],
+    "RFMVP_DASHBOARD_PUBLIC": ["maybe"],
 }
 _INTS = [name for name, (_, value) in VALID.items()
          if isinstance(value, int) and not isinstance(value, bool)]
@@ -97,6 +116,8 @@ for _name in _INTS:
     INVALID[_name] = ["0", "-1", "ten", "1.5", ""]
 for _name in _FLOATS:
     INVALID[_name] = ["0", "-2.5", "soon", "nan", "inf", ""]
+for _name in ("RFMVP_BALANCER_MIN_SHARE", "RFMVP_ALERT_ERROR_RATE"):
+    INVALID[_name].append("1.5")  # a fraction
 
 
 def _form(variable: str) -> str:

@@ -33,13 +33,21 @@ ROUTES = (
     "POST /api/v1/robots/{id}/retry",
     "GET /api/v1/robots/{id}/executions",
     "GET /api/v1/modules",
+    "POST /api/v1/schedules",
+    "GET /api/v1/schedules",
+    "GET /api/v1/schedules/{id}",
+    "DELETE /api/v1/schedules/{id}",
+    "POST /api/v1/schedules/{id}/pause",
+    "POST /api/v1/schedules/{id}/resume",
     "GET /health",
     "GET /health/ready",
     "GET /metrics",
+    "GET /dashboard",
+    "GET /dashboard/data",
 )
 
 PAGES = ("index", "quickstart", "concepts", "modules", "hooks", "configuration", "http",
-         "architecture", "deployment")
+         "architecture", "deployment", "scheduling", "operations", "security")
 
 
 def _read(name: str) -> str:
@@ -206,7 +214,7 @@ def test_the_starlette_adapter_serves_only_documented_routes() -> None:
     spec.loader.exec_module(app_module)
     app = app_module.create_app()
     served = {
-        f"{method} {route.path.replace('{robot_id}', '{id}')}"
+        f"{method} {route.path.replace('{robot_id}', '{id}').replace('{schedule_id}', '{id}')}"
         for route in app.routes
         for method in (getattr(route, "methods", None) or ())
         if method != "HEAD"

@@ -145,6 +145,11 @@ class CacheManager:
         self.breaker.record_success()
         return decision
 
+    def purge_expired(self) -> int:
+        """Drop expired entries of an in-process backend (Redis expires its own)."""
+        purge = getattr(self.backend, "purge_expired", None)
+        return int(purge()) if callable(purge) else 0
+
     def stats(self) -> dict[str, Any]:
         namespaces = sorted(set(self.hits) | set(self.misses) | set(self.errors))
         total_hits, total_misses = sum(self.hits.values()), sum(self.misses.values())

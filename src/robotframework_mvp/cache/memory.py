@@ -54,6 +54,13 @@ class MemoryBackend:
         for key in keys:
             self._entries.pop(key, None)
 
+    def purge_expired(self) -> int:
+        """Drop entries past their TTL now (reads skip them anyway); how many went."""
+        before = len(self._entries) + len(self._tats)
+        self._entries.expire()
+        self._tats.expire()
+        return before - len(self._entries) - len(self._tats)
+
     async def rate_limit(self, key: str, count: int, period: float, cost: int = 1) -> RateDecision:
         # No await between read and write: atomic on the event loop.
         now = time.monotonic()

@@ -13,11 +13,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
+import attrs
 
 from ..models import AuditEvent, audit_hash, utcnow
 from ..state.driver import StorageDriver
 
-__all__ = ["AuditLog", "verify_chain"]
+__all__ = ["AuditLog", "ChainReport", "verify_chain", "verify_store"]
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +105,58 @@ def verify_chain(records: Sequence[tuple[int, AuditEvent]], anchor: str | None) 
             return seq
         prev = event.hash
     return None
+
+
+@attrs.frozen
+class ChainReport:
+    """What ``verify_store`` found: ``first_bad_seq`` is None when the chain is intact."""
+
+    checked: int
+    first_seq: int | None
+    last_seq: int | None
+    #: the hash of the newest record: write it down to detect a later cut of the tail
+    head_hash: str | None
+    #: the prev_hash the oldest remaining record carries (None: the chain's very start)
+    anchor: str | None
+    first_bad_seq: int | None = None
+    #: whether a record with the ``expect`` hash was found (None when none was asked for)
+    found_expected: bool | None = None
+
+    @property
+    def intact(self) -> bool:
+        return self.first_bad_seq is None
+
+
+async def verify_store(driver: StorageDriver, *, page_size: int = 1000,
+                       expect: str | None = None) -> ChainReport:
+    """Walk the whole audit trail in pages of ``page_size``, checking every link.
+
+    The oldest remaining record's ``prev_hash`` is the anchor: when retention has purged
+    older records there is nothing left to check it against. ``expect`` is a record hash
+    written down earlier (a past ``head_hash``): the report says whether it is still in
+    the chain, which detects newest records cut off since.
+    """
+    after, checked, first, last = 0, 0, None, None
+    anchor: str | None = None
+    prev: str | None = None
+    found = None if expect is None else False
+    while True:
+        page = await driver.list_audit(after_seq=after, limit=page_size)
+        if not page:
+            break
+        if first is None:
+            first = page[0][0]
+            anchor = prev = page[0][1].prev_hash
+            if expect is not None and anchor == expect:
+                found = True  # the expected record was purged by retention since
+        bad = verify_chain(page, prev)
+        if bad is not None:
+            return ChainReport(checked + [s for s, _ in page].index(bad), first, bad,
+                               None, anchor, first_bad_seq=bad, found_expected=found)
+        if expect is not None and not found:
+            found = any(event.hash == expect for _, event in page)
+        checked += len(page)
+        last, prev = page[-1][0], page[-1][1].hash
+        after = last
+    return ChainReport(checked, first, last, prev if checked else None, anchor,
+                       found_expected=found)

@@ -19,7 +19,14 @@ from ..config import StaticKey
 from ..errors import AuthenticationError
 from ..models import Principal
 
-__all__ = ["StaticKeyBackend", "credential_from_headers", "hash_key"]
+__all__ = [
+    "MalformedCredential",
+    "StaticKeyBackend",
+    "check_credential",
+    "credential_from_headers",
+    "hash_key",
+    "request_credential",
+]
 
 _MAX_CREDENTIAL_LENGTH = 512
 
@@ -43,10 +50,40 @@ def credential_from_headers(headers: Mapping[str, str]) -> str | None:
             key = token
     if key is None:
         return None
-    key = key.strip()
+    return check_credential(key.strip())
+
+
+def check_credential(key: str) -> str:
+    """``key``, or AuthenticationError when no backend could accept it (empty, over 512
+    characters, or holding control characters such as CR, LF or NUL)."""
     if not key or len(key) > _MAX_CREDENTIAL_LENGTH or not key.isprintable():
         raise AuthenticationError("the API key is malformed")
     return key
+
+
+class MalformedCredential(str):
+    """Stands for a credential the request carried in a form no backend accepts.
+
+    Its text is a fixed placeholder (the caller's input is not kept), and ``reason`` says
+    what is wrong. The security layer refuses it like a wrong key: audited, and counted
+    against the client address's failed-authentication limit.
+    """
+
+    reason: str
+
+    def __new__(cls, reason: str) -> MalformedCredential:
+        credential = super().__new__(cls, "<malformed credential>")
+        credential.reason = reason
+        return credential
+
+
+def request_credential(headers: Mapping[str, str]) -> str | None:
+    """``credential_from_headers``, with a malformed credential handed on as a
+    ``MalformedCredential`` (for the security layer to refuse) instead of raised here."""
+    try:
+        return credential_from_headers(headers)
+    except AuthenticationError as exc:
+        return MalformedCredential(exc.message)
 
 
 @attrs.frozen

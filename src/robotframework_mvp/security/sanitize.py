@@ -20,6 +20,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Collection, Iterator
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import attrs
@@ -38,6 +39,7 @@ __all__ = [
     "validate_idempotency_key",
     "validate_kind",
     "validate_priority",
+    "validate_run_at",
     "validate_wait",
 ]
 
@@ -575,6 +577,33 @@ def validate_delay(value: object) -> float | None:
         f"{_describe_number(value)}",
         path="$.delay",
     )
+
+
+def validate_run_at(value: object, now: datetime) -> datetime | None:
+    """``None``, or when a robot may run: an aware datetime (or ISO 8601 text with an
+    offset) at most a year after ``now``, in UTC. A time in the past means now."""
+    if value is None:
+        return None
+    parsed: datetime | None = value if isinstance(value, datetime) else None
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            parsed = None
+    if parsed is None:
+        raise ValidationError(
+            "run_at must be a date and time with its UTC offset (ISO 8601, e.g. "
+            f"2030-01-31T09:00:00+01:00), or null; not {_short_repr(value)}", path="$.run_at")
+    if parsed.tzinfo is None or parsed.tzinfo.utcoffset(parsed) is None:
+        raise ValidationError(
+            "run_at has no time zone; give its UTC offset (e.g. 2030-01-31T09:00:00+01:00 "
+            "or ...Z), since a naive time means different instants on different servers",
+            path="$.run_at")
+    parsed = parsed.astimezone(UTC)
+    if (parsed - now).total_seconds() > MAX_DELAY_SECONDS:
+        raise ValidationError(
+            f"run_at is more than {MAX_DELAY_SECONDS:g} seconds (a year) away", path="$.run_at")
+    return parsed
 
 
 def _describe_number(value: object) -> str:

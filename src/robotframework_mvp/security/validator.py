@@ -9,10 +9,12 @@ error's type; no credential ever reaches a log, an error or an audit record.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from ..chains import parse_followup
 from ..errors import (
     AuthenticationError,
     PermissionDeniedError,
@@ -21,11 +23,12 @@ from ..errors import (
     ValidationError,
 )
 from ..hookspecs import hookimpl
-from ..models import Principal
+from ..models import FollowUp, Principal, utcnow
 from ..plugins import call_first_result
 from .audit import AuditLog
-from .auth import StaticKeyBackend
-from .ratelimit import RateLimiter
+from .auth import MalformedCredential, StaticKeyBackend, check_credential
+from .keys import StoredKeyBackend
+from .ratelimit import RATE_DECISION, RateLimiter
 from .sanitize import (
     PayloadLimits,
     sanitize_payload,
@@ -33,7 +36,9 @@ from .sanitize import (
     validate_idempotency_key,
     validate_kind,
     validate_priority,
+    validate_run_at,
 )
+from .schemas import ModuleSchemaPlugin, PayloadSchemas
 
 if TYPE_CHECKING:
     from ..orchestrator import Orchestrator
@@ -51,13 +56,21 @@ class RequestInfo:
 
 @attrs.frozen
 class SubmitRequest:
-    """One robot to create: what ``submit_many`` takes. ``delay`` is in seconds."""
+    """One robot to create: what ``submit_many`` takes.
+
+    ``delay`` (seconds) or ``run_at`` (an aware datetime; not both) hold the robot back;
+    ``on_success`` / ``on_failure`` (``{"kind", "payload"}``) create a follow-up robot
+    when it ends (see ``robotframework_mvp.chains``).
+    """
 
     kind: str
     payload: Mapping[str, Any]
     priority: int = 0
     idempotency_key: str | None = None
     delay: float | None = None
+    run_at: datetime | str | None = None
+    on_success: Mapping[str, Any] | FollowUp | None = None
+    on_failure: Mapping[str, Any] | FollowUp | None = None
 
 
 @attrs.frozen
@@ -69,6 +82,10 @@ class SanitizedRequest:
     priority: int
     idempotency_key: str | None
     delay: float | None
+    #: when the robot may run (UTC), from ``run_at`` or ``delay``; None means now
+    run_at: datetime | None = None
+    on_success: FollowUp | None = None
+    on_failure: FollowUp | None = None
 
 
 class _StaticAuthPlugin:
@@ -82,19 +99,45 @@ class _StaticAuthPlugin:
         return self.backend.authenticate(credential)
 
 
+class _StoredAuthPlugin:
+    """Stored keys (``rfmvp keys``) on the ``authenticate`` hook (a built-in plugin)."""
+
+    def __init__(self, backend: StoredKeyBackend) -> None:
+        self.backend = backend
+
+    @hookimpl(trylast=True)
+    def authenticate(self, credential: str, orchestrator: Orchestrator) -> Any:
+        # Plain def: only a credential shaped like a stored key costs a store read.
+        if not credential.startswith("rfmvp_"):
+            return None
+        return self.backend.authenticate(credential)
+
+
 class SecurityValidator:
     def __init__(self, orchestrator: Orchestrator, audit: AuditLog) -> None:
         self.orchestrator = orchestrator
         self.settings = orchestrator.settings.security
         self.audit = audit
         self.limits = PayloadLimits.from_config(self.settings)
-        self.limiter = RateLimiter(orchestrator.cache)
+        self.limiter = RateLimiter(orchestrator.cache, self.settings.rate_limit_fallback)
+        self.stored_keys = StoredKeyBackend(
+            orchestrator.driver, self.settings.secret_key, self.settings.api_key_touch_interval)
         self.static_keys = StaticKeyBackend(
             self.settings.api_keys, secret_key=self.settings.secret_key,
             admin_principals=self.settings.admin_principals,
         )
+        # Registered last, so asked first: the static keys cost no store read.
+        orchestrator.pm.register(_StoredAuthPlugin(self.stored_keys), name="rfmvp.stored_keys")
         orchestrator.pm.register(_StaticAuthPlugin(self.static_keys), name="rfmvp.static_keys")
+        orchestrator.pm.register(ModuleSchemaPlugin(orchestrator.modules),
+                                 name="rfmvp.module_schemas")
+        self.schemas = PayloadSchemas(
+            lambda kind: orchestrator.pm.hook.payload_schema(kind=kind))
         self.tracker = orchestrator.tracker
+
+    async def run(self) -> None:
+        """Background work of the security layer (stored keys' last-used times)."""
+        await self.stored_keys.run()
 
     async def authorize(self, api_key: str | None, info: RequestInfo, *, scope: str) -> Principal:
         """Authenticate, rate-limit and check ``scope`` (the whole ``security.validate``)."""
@@ -115,10 +158,14 @@ class SecurityValidator:
 
     async def _authorize(self, api_key: str | None, info: RequestInfo, scope: str) -> Principal:
         principal = await self._authenticate(api_key, info)
-        limit = self.settings.rate_limit
+        # A stored key with a limit of its own counts on its own, against that limit.
+        limit = principal.rate_limit or self.settings.rate_limit
+        bucket = (f"key:{principal.key_prefix}" if principal.rate_limit is not None
+                  else f"principal:{principal.id}")
         if limit is not None:
-            decision = await self.limiter.check(f"principal:{principal.id}", limit)
-            if not decision.allowed:
+            decision = await self.limiter.check(bucket, limit)
+            RATE_DECISION.set(decision)
+            if decision is not None and not decision.allowed:
                 error = RateLimitedError(
                     f"rate limit of {limit} exceeded; retry in {decision.retry_after:.2f} s",
                     retry_after=decision.retry_after, limit=limit.count,
@@ -138,9 +185,11 @@ class SecurityValidator:
                 "an API key is required: send it as X-API-Key or Authorization: Bearer"
             )
         try:
+            if isinstance(api_key, MalformedCredential):
+                raise AuthenticationError(api_key.reason)
             principal = await call_first_result(
                 self.orchestrator.pm.hook.authenticate,
-                credential=api_key, orchestrator=self.orchestrator,
+                credential=check_credential(api_key), orchestrator=self.orchestrator,
             )
             if principal is None:
                 raise AuthenticationError("the API key is not valid")
@@ -157,7 +206,7 @@ class SecurityValidator:
         if limit is None:
             return
         decision = await self.limiter.check(f"authfail:{info.client or 'unknown'}", limit)
-        if not decision.allowed:
+        if decision is not None and not decision.allowed:
             raise RateLimitedError(
                 "too many failed authentications from this address; retry in "
                 f"{decision.retry_after:.0f} s",
@@ -172,7 +221,8 @@ class SecurityValidator:
             raise ValidationError("submit at least one robot", path="$.robots")
         orch = self.orchestrator
         known = orch.balancer.known_kinds()
-        if orch.balancer.remote_stale or any(r.kind not in known for r in requests):
+        if orch.balancer.remote_stale or any(
+                isinstance(r.kind, str) and r.kind not in known for r in requests):
             # A kind we do not know yet may have been registered by another process.
             await orch.refresh_modules()
             known = orch.balancer.known_kinds()
@@ -183,10 +233,22 @@ class SecurityValidator:
             try:
                 kind = validate_kind(request.kind, known)
                 payload = sanitize_payload(request.payload, self.limits)
+                self.schemas.validate(kind, payload)
+                delay = validate_delay(request.delay)
+                now = utcnow()
+                run_at = validate_run_at(request.run_at, now)
+                if run_at is not None and delay is not None:
+                    raise ValidationError("give run_at or delay, not both", path="$.run_at")
+                if delay:
+                    run_at = now + timedelta(seconds=delay)
                 item = SanitizedRequest(
                     kind=kind, payload=payload, priority=validate_priority(request.priority),
                     idempotency_key=validate_idempotency_key(request.idempotency_key),
-                    delay=validate_delay(request.delay),
+                    delay=delay, run_at=run_at,
+                    on_success=parse_followup(request.on_success, known, self.limits,
+                                              path="$.on_success"),
+                    on_failure=parse_followup(request.on_failure, known, self.limits,
+                                              path="$.on_failure"),
                 )
                 if check_hook:
                     refusal = await call_first_result(

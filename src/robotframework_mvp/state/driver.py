@@ -15,9 +15,20 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
-from ..models import AuditEvent, ErrorInfo, Execution, ModuleRecord, Robot, RobotStatus
+from ..models import (
+    ApiKey,
+    AuditEvent,
+    ErrorInfo,
+    Execution,
+    FollowUp,
+    ModuleRecord,
+    Robot,
+    RobotStatus,
+    Schedule,
+)
 
-__all__ = ["Claim", "Completion", "StorageDriver"]
+__all__ = ["Claim", "Completion", "ScheduleFire", "StorageDriver", "followup_from_json",
+           "followups_json"]
 
 
 @attrs.frozen
@@ -46,6 +57,39 @@ class Completion:
     error: ErrorInfo | None = None
     scheduled_at: datetime | None = None
     module: str | None = None
+    #: a chain's follow-up robot (``parent_id`` and ``parent_trigger`` set), inserted in
+    #: the same transaction as this completion, and never twice for one parent and trigger
+    followup: Robot | None = None
+
+
+@attrs.frozen
+class ScheduleFire:
+    """One due time of a schedule and the robot it fired.
+
+    ``late``: fired after the misfire grace (a catch-up); ``covers``: how many missed due
+    times the robot stands for (``run_once``), else 1.
+    """
+
+    schedule_id: str
+    due_at: datetime
+    robot_id: str
+    fired_at: datetime
+    late: bool = False
+    covers: int = 1
+
+
+def followups_json(robot: Robot) -> dict[str, Any] | None:
+    """The robot's follow-ups as stored (``{"on_success": {kind, payload}, ...}``)."""
+    out = {name: {"kind": f.kind, "payload": f.payload}
+           for name, f in (("on_success", robot.on_success), ("on_failure", robot.on_failure))
+           if f is not None}
+    return out or None
+
+
+def followup_from_json(data: dict[str, Any] | None, name: str) -> FollowUp | None:
+    if not data or name not in data:
+        return None
+    return FollowUp(kind=data[name]["kind"], payload=data[name]["payload"])
 
 
 @runtime_checkable
@@ -153,4 +197,94 @@ class StorageDriver(Protocol):
         """Queued robots that are due, and the age in seconds of the oldest one."""
 
     async def purge(self, finished_before: datetime) -> int:
-        """Delete finished robots, their executions and audit records older than this."""
+        """Delete finished robots and their executions older than this."""
+
+    async def recent_outcomes(self, since_id: str, limit: int) -> list[tuple[str, str, float]]:
+        """``(module, status, duration_ms)`` of finished attempts whose execution id is at
+        least ``since_id`` (ids are time-ordered), newest first, at most ``limit``: the
+        fleet-wide figures the leader scores modules from."""
+
+    # -- the audit trail's retention, and API keys --------------------------------------
+
+    async def purge_audit(self, before: datetime) -> int:
+        """Delete the oldest audit records, written before ``before``; return how many.
+
+        Only a contiguous run from the start of the chain goes (the rest must still
+        verify), and the newest record always stays.
+        """
+
+    async def tail_audit(self, limit: int) -> list[tuple[int, AuditEvent]]:
+        """The newest ``limit`` audit records, in chain order."""
+
+    async def create_api_key(self, key: ApiKey) -> bool:
+        """Store a new key; False (nothing stored) when its prefix is taken."""
+
+    async def get_api_key_by_prefix(self, prefix: str) -> ApiKey | None:
+        """The key with this public prefix, whatever its state (one indexed read)."""
+
+    async def list_api_keys(self, *, principal: str | None) -> list[ApiKey]:
+        """Every key (of ``principal``, when given), oldest first, revoked ones too."""
+
+    async def revoke_api_key(self, prefix: str, now: datetime) -> ApiKey | None:
+        """Revoke a key; None when there is no such key or it was already revoked."""
+
+    async def replace_api_key(
+        self, prefix: str, replacement: ApiKey, expires_at: datetime
+    ) -> ApiKey | None:
+        """Rotation, in one transaction: store ``replacement`` and make the old key expire
+        at ``expires_at`` (or earlier, if it already would). Returns the old key as
+        updated; None (and nothing stored) when it does not exist or was revoked.
+        Raises ConflictError when the replacement's prefix is taken.
+        """
+
+    async def touch_api_keys(self, used: Sequence[tuple[str, datetime]]) -> None:
+        """Record when keys were last used (``(prefix, time)``); never moves one back."""
+
+    # -- later, on a schedule, in chains ------------------------------------------------
+
+    async def list_robots_by_due(
+        self, *, tenant: str | None, status: RobotStatus | None, kind: str | None,
+        limit: int, after: tuple[datetime, str] | None,
+    ) -> list[Robot]:
+        """Earliest ``scheduled_at`` first (then id); ``after`` is the last row seen."""
+
+    async def create_followups(self, robots: Sequence[Robot]) -> list[Robot]:
+        """Insert chain children; one whose (parent_id, parent_trigger) exists is skipped.
+
+        Returns the robots inserted now.
+        """
+
+    async def create_schedule(self, schedule: Schedule) -> Schedule: ...
+
+    async def get_schedule(self, schedule_id: str) -> Schedule | None: ...
+
+    async def list_schedules(self, *, tenant: str | None, limit: int, after_id: str | None
+                             ) -> list[Schedule]:
+        """By id; ``tenant=None`` lists every tenant."""
+
+    async def pause_schedule(self, schedule_id: str, now: datetime) -> Schedule | None: ...
+
+    async def resume_schedule(self, schedule_id: str, now: datetime, next_due_at: datetime
+                              ) -> Schedule | None:
+        """Unpause, owing nothing for the pause: ``last_due_at = now``. None if not paused."""
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """Delete the schedule and its fires (not its robots); False if it did not exist."""
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[Schedule]:
+        """Unpaused schedules whose ``next_due_at`` has come, earliest first."""
+
+    async def next_schedule_due_at(self) -> datetime | None:
+        """The earliest ``next_due_at`` of unpaused schedules."""
+
+    async def fire_schedule(
+        self, schedule: Schedule, *, last_due_at: datetime, next_due_at: datetime,
+        fires: Sequence[tuple[ScheduleFire, Robot]], now: datetime,
+    ) -> list[Robot] | None:
+        """In one transaction: advance ``last_due_at`` from the value in ``schedule``
+        (compare-and-set), then insert each fire and its robot, skipping due times that
+        already fired. None when another process advanced the schedule first; else the
+        robots inserted now."""
+
+    async def list_schedule_fires(self, schedule_id: str, limit: int) -> list[ScheduleFire]:
+        """The latest fires of a schedule, newest due time first."""

@@ -63,6 +63,7 @@ class StateManager:
     ) -> list[Claim]:
         now = utcnow()
         started = time.perf_counter()
+        started_ns = time.time_ns()
         try:
             claims = await self.driver.claim_robots(
                 module=module, limit=limit, worker=worker, now=now,
@@ -78,6 +79,9 @@ class StateManager:
             elapsed_ms = (time.perf_counter() - started) * 1000
             for _ in claims:
                 self.tracker.record("state.start_execution", elapsed_ms)
+            self.tracker.record_span("state.start_execution", started_ns, time.time_ns(),
+                                     attributes={"rfmvp.module": module,
+                                                 "rfmvp.claimed": len(claims)})
             await self.cache.set_robots([c.robot for c in claims])
         return claims
 
@@ -132,6 +136,12 @@ class StateManager:
         if robot is not None:
             await self.cache.set_robot(robot)
         return robot
+
+    async def create_followups(self, robots: Sequence[Robot]) -> list[Robot]:
+        """Chain children of ended parents; one that exists already is skipped."""
+        created = await self.driver.create_followups(robots)
+        await self.cache.set_robots(created)
+        return created
 
     async def next_due_at(self, modules: Sequence[str]) -> datetime | None:
         return await self.driver.next_due_at(modules)

@@ -26,7 +26,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.abc
@@ -39,20 +39,23 @@ from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
-from ..config import StorageConfig
-from ..errors import ConfigError, ServiceUnavailableError
+from ..config import RateLimit, StorageConfig
+from ..errors import ConfigError, ConflictError, ServiceUnavailableError, ValidationError
 from ..models import (
+    ApiKey,
     AuditEvent,
     ErrorInfo,
     Execution,
     ExecutionStatus,
+    MisfirePolicy,
     ModuleRecord,
     Robot,
     RobotStatus,
+    Schedule,
     audit_hash,
 )
 from ..resilience import infrastructure_retrying
-from .driver import Claim, Completion
+from .driver import Claim, Completion, ScheduleFire, followup_from_json, followups_json
 from .queries import load_migrations, load_queries
 
 __all__ = ["PostgresDriver", "describe_url", "is_transient"]
@@ -179,7 +182,112 @@ def robot_from_row(row: DictRow) -> Robot:
         scheduled_at=_utc(row["scheduled_at"]),
         lease_expires_at=_utc_or_none(row["lease_expires_at"]),
         lease_token=row["lease_token"],
+        parent_id=row["parent_id"],
+        parent_trigger=row["parent_trigger"],
+        schedule_id=row["schedule_id"],
+        on_success=followup_from_json(row["followups"], "on_success"),
+        on_failure=followup_from_json(row["followups"], "on_failure"),
     )
+
+
+def schedule_from_row(row: DictRow) -> Schedule:
+    return Schedule(
+        id=row["id"], owner=row["owner"], tenant=row["tenant"], cron=row["cron"],
+        timezone=row["timezone"], kind=row["kind"], payload=row["payload"],
+        misfire_policy=MisfirePolicy(row["misfire_policy"]),
+        last_due_at=_utc(row["last_due_at"]), next_due_at=_utc(row["next_due_at"]),
+        priority=row["priority"], misfire_limit=row["misfire_limit"], paused=row["paused"],
+        created_at=_utc(row["created_at"]), updated_at=_utc(row["updated_at"]),
+    )
+
+
+def _robot_columns(robots: Sequence[Robot]) -> dict[str, Any]:
+    """``insert_robots``' array parameters (one array per column)."""
+    return {
+        "ids": [r.id for r in robots],
+        "kinds": [r.kind for r in robots],
+        "payloads": [Jsonb(r.payload) for r in robots],
+        "owners": [r.owner for r in robots],
+        "tenants": [r.tenant for r in robots],
+        "statuses": [str(r.status) for r in robots],
+        "modules": [r.module for r in robots],
+        "max_attempts": [r.max_attempts for r in robots],
+        "priorities": [r.priority for r in robots],
+        "idempotency_keys": [r.idempotency_key for r in robots],
+        "created_at": [r.created_at for r in robots],
+        "updated_at": [r.updated_at for r in robots],
+        "scheduled_at": [r.scheduled_at for r in robots],
+        "parent_ids": [r.parent_id for r in robots],
+        "parent_triggers": [r.parent_trigger for r in robots],
+        "schedule_ids": [r.schedule_id for r in robots],
+        "followups": [None if (j := followups_json(r)) is None else Jsonb(j) for r in robots],
+    }
+
+
+class _Executor(Protocol):
+    """A pooled connection, or a cursor on a caller's connection (transactional submit)."""
+
+    async def execute(self, query: str, params: dict[str, Any] | None = None
+                      ) -> psycopg.AsyncCursor[DictRow]: ...
+
+
+class _CursorConnection:
+    def __init__(self, cursor: psycopg.AsyncCursor[DictRow]) -> None:
+        self.cursor = cursor
+
+    async def execute(self, query: str, params: dict[str, Any] | None = None
+                      ) -> psycopg.AsyncCursor[DictRow]:
+        return await self.cursor.execute(query, params)
+
+
+def _child_params(child: Robot | None) -> dict[str, Any]:
+    """``complete_robot``'s parameters for the follow-up robot (all None without one)."""
+    return {
+        "child_id": None if child is None else child.id,
+        "child_kind": None if child is None else child.kind,
+        "child_payload": None if child is None else Jsonb(child.payload),
+        "child_module": None if child is None else child.module,
+        "child_max_attempts": None if child is None else child.max_attempts,
+        "child_trigger": None if child is None else child.parent_trigger,
+    }
+
+
+async def _insert_robots(conn: _Executor, robots: Sequence[Robot], channel: str | None
+                         ) -> list[tuple[Robot, bool]]:
+    """Insert robots on ``conn`` (in whatever transaction it is in); see create_robots."""
+    params = {**_robot_columns(robots), "channel": channel}
+    cur = await conn.execute(_Q["insert_robots"], params)
+    inserted = {row["id"]: row for row in await cur.fetchall()}
+    by_id: dict[str, DictRow] = {}
+    by_key: dict[tuple[str, str], DictRow] = {}
+    if len(inserted) < len(robots):
+        # A separate statement: its snapshot sees rows that concurrent submissions
+        # committed while our insert waited on them.
+        skipped = [r for r in robots if r.id not in inserted]
+        keyed = [r for r in skipped if r.idempotency_key is not None]
+        cur = await conn.execute(_Q["get_stored_robots"], {
+            "ids": [r.id for r in skipped],
+            "owners": [r.owner for r in keyed],
+            "idempotency_keys": [r.idempotency_key for r in keyed],
+        })
+        for row in await cur.fetchall():
+            by_id[row["id"]] = row
+            if row["idempotency_key"] is not None:
+                by_key[(row["owner"], row["idempotency_key"])] = row
+    out: list[tuple[Robot, bool]] = []
+    for robot in robots:
+        if robot.id in inserted:
+            out.append((robot_from_row(inserted[robot.id]), True))
+        elif robot.id in by_id:
+            # Our own id: an earlier attempt of this call committed it.
+            out.append((robot_from_row(by_id[robot.id]), True))
+        elif robot.idempotency_key is not None and (
+            stored := by_key.get((robot.owner, robot.idempotency_key))
+        ) is not None:
+            out.append((robot_from_row(stored), False))
+        else:  # the conflicting robot vanished between the statements (purged)
+            raise ServiceUnavailableError("robot creation raced a deletion; retry it")
+    return out
 
 
 def _execution_from_row(row: DictRow) -> Execution:
@@ -429,57 +537,28 @@ class PostgresDriver:
     async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:
         if not robots:
             return []
-        params = {
-            "ids": [r.id for r in robots],
-            "kinds": [r.kind for r in robots],
-            "payloads": [Jsonb(r.payload) for r in robots],
-            "owners": [r.owner for r in robots],
-            "tenants": [r.tenant for r in robots],
-            "statuses": [str(r.status) for r in robots],
-            "modules": [r.module for r in robots],
-            "max_attempts": [r.max_attempts for r in robots],
-            "priorities": [r.priority for r in robots],
-            "idempotency_keys": [r.idempotency_key for r in robots],
-            "created_at": [r.created_at for r in robots],
-            "updated_at": [r.updated_at for r in robots],
-            "scheduled_at": [r.scheduled_at for r in robots],
-            "channel": self.channel,
-        }
+        return await self._write(lambda conn: _insert_robots(conn, robots, self.channel))
 
-        async def run(conn: Connection) -> list[tuple[Robot, bool]]:
-            inserted = {row["id"]: row for row in await _fetchall(conn, _Q["insert_robots"],
-                                                                  params)}
-            by_id: dict[str, DictRow] = {}
-            by_key: dict[tuple[str, str], DictRow] = {}
-            if len(inserted) < len(robots):
-                # A separate statement: its snapshot sees rows that concurrent submissions
-                # committed while our insert waited on them.
-                skipped = [r for r in robots if r.id not in inserted]
-                keyed = [r for r in skipped if r.idempotency_key is not None]
-                for row in await _fetchall(conn, _Q["get_stored_robots"], {
-                    "ids": [r.id for r in skipped],
-                    "owners": [r.owner for r in keyed],
-                    "idempotency_keys": [r.idempotency_key for r in keyed],
-                }):
-                    by_id[row["id"]] = row
-                    if row["idempotency_key"] is not None:
-                        by_key[(row["owner"], row["idempotency_key"])] = row
-            out: list[tuple[Robot, bool]] = []
-            for robot in robots:
-                if robot.id in inserted:
-                    out.append((robot_from_row(inserted[robot.id]), True))
-                elif robot.id in by_id:
-                    # Our own id: an earlier attempt of this call committed it.
-                    out.append((robot_from_row(by_id[robot.id]), True))
-                elif robot.idempotency_key is not None and (
-                    stored := by_key.get((robot.owner, robot.idempotency_key))
-                ) is not None:
-                    out.append((robot_from_row(stored), False))
-                else:  # the conflicting robot vanished between the statements (purged)
-                    raise ServiceUnavailableError("robot creation raced a deletion; retry it")
-            return out
+    async def create_robots_in_transaction(
+        self, conn: psycopg.AsyncConnection[Any], robots: Sequence[Robot]
+    ) -> list[tuple[Robot, bool]]:
+        """Insert robots on the caller's connection, inside its open transaction.
 
-        return await self._write(run)
+        Nothing is committed here: the robots exist once the caller commits, and never if
+        it rolls back. The ``pg_notify`` that wakes workers is delivered at that commit.
+        The connection must reach this store's tables (the same database and
+        ``search_path``). Errors are not retried: the caller's transaction is theirs.
+        """
+        if not robots:
+            return []
+        if not isinstance(conn, psycopg.AsyncConnection):
+            raise ValidationError("connection must be a psycopg.AsyncConnection (psycopg 3)",
+                                  path="$.connection")
+        try:
+            async with conn.cursor(row_factory=dict_row) as cur:
+                return await _insert_robots(_CursorConnection(cur), robots, self.channel)
+        except psycopg.OperationalError as exc:
+            raise self._unavailable(exc, " (in the caller's transaction)") from exc
 
     async def get_robot(self, robot_id: str) -> Robot | None:
         row = await self._read(lambda c: _fetchone(c, _Q["get_robot"], {"id": robot_id}))
@@ -553,6 +632,7 @@ class PostgresDriver:
             "scheduled_at": completion.scheduled_at,
             "module": completion.module,
             "channel": self.channel,
+            **_child_params(completion.followup),
         }
         row = await self._write(lambda c: _fetchone(c, _Q["complete_robot"], params))
         return None if row is None else robot_from_row(row)
@@ -686,6 +766,182 @@ class PostgresDriver:
             for r in rows
         ]
 
+    # -- later, on a schedule, in chains ------------------------------------------------
+
+    async def list_robots_by_due(
+        self, *, tenant: str | None, status: RobotStatus | None, kind: str | None,
+        limit: int, after: tuple[datetime, str] | None,
+    ) -> list[Robot]:
+        params = {
+            "tenant": tenant, "status": None if status is None else str(status),
+            "kind": kind, "limit": limit,
+            "after_at": None if after is None else after[0],
+            "after_id": None if after is None else after[1],
+        }
+        rows = await self._read(lambda c: _fetchall(c, _Q["list_robots_by_due"], params))
+        return [robot_from_row(r) for r in rows]
+
+    async def create_followups(self, robots: Sequence[Robot]) -> list[Robot]:
+        if not robots:
+            return []
+        columns = _robot_columns(robots)
+        params = {k: columns[k] for k in (
+            "ids", "kinds", "payloads", "owners", "tenants", "statuses", "modules",
+            "max_attempts", "priorities", "created_at", "updated_at", "scheduled_at",
+            "parent_ids", "parent_triggers")}
+        params["channel"] = self.channel
+        rows = await self._write(lambda c: _fetchall(c, _Q["insert_followups"], params))
+        return [robot_from_row(r) for r in rows]
+
+    async def create_schedule(self, schedule: Schedule) -> Schedule:
+        params = {
+            "id": schedule.id, "owner": schedule.owner, "tenant": schedule.tenant,
+            "cron": schedule.cron, "timezone": schedule.timezone, "kind": schedule.kind,
+            "payload": Jsonb(schedule.payload), "priority": schedule.priority,
+            "misfire_policy": str(schedule.misfire_policy),
+            "misfire_limit": schedule.misfire_limit, "paused": schedule.paused,
+            "last_due_at": schedule.last_due_at, "next_due_at": schedule.next_due_at,
+            "created_at": schedule.created_at, "updated_at": schedule.updated_at,
+        }
+        row = await self._write(lambda c: _fetchone(c, _Q["insert_schedule"], params))
+        assert row is not None
+        return schedule_from_row(row)
+
+    async def get_schedule(self, schedule_id: str) -> Schedule | None:
+        row = await self._write(lambda c: _fetchone(c, _Q["get_schedule"], {"id": schedule_id}))
+        return None if row is None else schedule_from_row(row)
+
+    async def list_schedules(self, *, tenant: str | None, limit: int, after_id: str | None
+                             ) -> list[Schedule]:
+        params = {"tenant": tenant, "limit": limit, "after_id": after_id}
+        rows = await self._read(lambda c: _fetchall(c, _Q["list_schedules"], params))
+        return [schedule_from_row(r) for r in rows]
+
+    async def pause_schedule(self, schedule_id: str, now: datetime) -> Schedule | None:
+        params = {"id": schedule_id, "now": now}
+        row = await self._write(lambda c: _fetchone(c, _Q["pause_schedule"], params))
+        return None if row is None else schedule_from_row(row)
+
+    async def resume_schedule(self, schedule_id: str, now: datetime, next_due_at: datetime
+                              ) -> Schedule | None:
+        params = {"id": schedule_id, "now": now, "last_due_at": now,
+                  "next_due_at": next_due_at}
+        row = await self._write(lambda c: _fetchone(c, _Q["resume_schedule"], params))
+        return None if row is None else schedule_from_row(row)
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        row = await self._write(lambda c: _fetchone(c, _Q["delete_schedule"],
+                                                    {"id": schedule_id}))
+        return row is not None and int(row["n"]) > 0
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[Schedule]:
+        params = {"now": now, "limit": limit}
+        rows = await self._write(lambda c: _fetchall(c, _Q["due_schedules"], params))
+        return [schedule_from_row(r) for r in rows]
+
+    async def next_schedule_due_at(self) -> datetime | None:
+        row = await self._write(lambda c: _fetchone(c, _Q["next_schedule_due_at"]))
+        return None if row is None else _utc_or_none(row["due"])
+
+    async def fire_schedule(
+        self, schedule: Schedule, *, last_due_at: datetime, next_due_at: datetime,
+        fires: Sequence[tuple[ScheduleFire, Robot]], now: datetime,
+    ) -> list[Robot] | None:
+        advance = {"id": schedule.id, "expected_last_due_at": schedule.last_due_at,
+                   "last_due_at": last_due_at, "next_due_at": next_due_at, "now": now}
+        insert = {
+            "schedule_id": schedule.id, "now": now, "channel": self.channel,
+            "due_at": [f.due_at for f, _ in fires], "robot_ids": [r.id for _, r in fires],
+            "late": [f.late for f, _ in fires], "covers": [f.covers for f, _ in fires],
+            "kinds": [r.kind for _, r in fires], "payloads": [Jsonb(r.payload) for _, r in fires],
+            "owners": [r.owner for _, r in fires], "tenants": [r.tenant for _, r in fires],
+            "modules": [r.module for _, r in fires],
+            "max_attempts": [r.max_attempts for _, r in fires],
+            "priorities": [r.priority for _, r in fires],
+        }
+
+        async def run(conn: Connection) -> list[Robot] | None:
+            async with conn.transaction():
+                if await _fetchone(conn, _Q["advance_schedule"], advance) is None:
+                    return None  # another process decided this interval
+                if not fires:
+                    return []
+                rows = await _fetchall(conn, _Q["insert_fires"], insert)
+                return [robot_from_row(r) for r in rows]
+
+        return await self._write(run)
+
+    async def list_schedule_fires(self, schedule_id: str, limit: int) -> list[ScheduleFire]:
+        params = {"schedule_id": schedule_id, "limit": limit}
+        rows = await self._read(lambda c: _fetchall(c, _Q["list_schedule_fires"], params))
+        return [ScheduleFire(schedule_id=r["schedule_id"], due_at=_utc(r["due_at"]),
+                             robot_id=r["robot_id"], fired_at=_utc(r["fired_at"]),
+                             late=r["late"], covers=r["covers"]) for r in rows]
+
+    # -- API keys ----------------------------------------------------------------------
+
+    async def create_api_key(self, key: ApiKey) -> bool:
+        params = _api_key_params(key)
+
+        async def run(conn: Connection) -> bool:
+            return await _insert_api_key(conn, key, params)
+
+        return await self._write(run)
+
+    async def get_api_key_by_prefix(self, prefix: str) -> ApiKey | None:
+        row = await self._read(
+            lambda c: _fetchone(c, _Q["get_api_key_by_prefix"], {"prefix": prefix}))
+        return None if row is None else _api_key_from_row(row)
+
+    async def list_api_keys(self, *, principal: str | None) -> list[ApiKey]:
+        rows = await self._read(
+            lambda c: _fetchall(c, _Q["list_api_keys"], {"principal": principal}))
+        return [_api_key_from_row(r) for r in rows]
+
+    async def revoke_api_key(self, prefix: str, now: datetime) -> ApiKey | None:
+        params = {"prefix": prefix, "now": now}
+        row = await self._write(lambda c: _fetchone(c, _Q["revoke_api_key"], params))
+        return None if row is None else _api_key_from_row(row)
+
+    async def replace_api_key(
+        self, prefix: str, replacement: ApiKey, expires_at: datetime
+    ) -> ApiKey | None:
+        params = _api_key_params(replacement)
+
+        async def run(conn: Connection) -> ApiKey | None:
+            async with conn.transaction():
+                row = await _fetchone(conn, _Q["expire_api_key"],
+                                      {"prefix": prefix, "expires_at": expires_at})
+                if row is None:
+                    return None
+                if not await _insert_api_key(conn, replacement, params):
+                    # Raising rolls the expiry back: the old key keeps working.
+                    raise ConflictError("the new key's prefix is taken; try again")
+                return _api_key_from_row(row)
+
+        return await self._write(run)
+
+    async def touch_api_keys(self, used: Sequence[tuple[str, datetime]]) -> None:
+        if not used:
+            return
+        params = {"prefixes": [p for p, _ in used], "used_at": [at for _, at in used]}
+        await self._write(lambda c: c.execute(_Q["touch_api_keys"], params))
+
+    # -- audit retention ---------------------------------------------------------------
+
+    async def purge_audit(self, before: datetime) -> int:
+        async def run(conn: Connection) -> int:
+            async with conn.transaction():
+                await conn.execute(_Q["lock_audit_chain"], {"lock_class": _AUDIT_LOCK})
+                row = await _fetchone(conn, _Q["purge_audit_prefix"], {"before": before})
+            return 0 if row is None else int(row["n"])
+
+        return await self._write(run)
+
+    async def tail_audit(self, limit: int) -> list[tuple[int, AuditEvent]]:
+        rows = await self._read(lambda c: _fetchall(c, _Q["tail_audit"], {"limit": limit}))
+        return [_audit_from_row(r) for r in rows]
+
     # -- statistics and retention ------------------------------------------------------
 
     async def count_robots(self) -> dict[tuple[str, str], int]:
@@ -697,6 +953,11 @@ class PostgresDriver:
         if row is None or row["oldest"] is None:
             return (0 if row is None else int(row["n"])), None
         return int(row["n"]), max(0.0, (now - row["oldest"]).total_seconds())
+
+    async def recent_outcomes(self, since_id: str, limit: int) -> list[tuple[str, str, float]]:
+        rows = await self._read(lambda c: _fetchall(
+            c, _Q["recent_outcomes"], {"since_id": since_id, "limit": limit}))
+        return [(r["module"], r["status"], float(r["duration_ms"])) for r in rows]
 
     async def purge(self, finished_before: datetime) -> int:
         row = await self._write(
@@ -760,3 +1021,43 @@ class PostgresDriver:
                         await conn.close()
             await anyio.sleep(delay)
             delay = min(delay * 2, _LISTEN_BACKOFF[1])
+
+
+def _api_key_params(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id, "prefix": key.prefix, "digest": key.digest, "principal": key.principal,
+        "tenant": key.tenant, "scopes": Jsonb(sorted(key.scopes)),
+        "created_at": key.created_at, "expires_at": key.expires_at,
+        "revoked_at": key.revoked_at,
+        "rate_limit": None if key.rate_limit is None else str(key.rate_limit),
+        "last_used_at": key.last_used_at, "description": key.description,
+    }
+
+
+async def _insert_api_key(conn: Connection, key: ApiKey, params: dict[str, Any]) -> bool:
+    """Insert; False when the prefix belongs to another key. A retry of an insert that
+    did commit finds its own id under the prefix, and succeeds."""
+    if await _fetchone(conn, _Q["insert_api_key"], params) is not None:
+        return True
+    row = await _fetchone(conn, _Q["get_api_key_by_prefix"], {"prefix": key.prefix})
+    return row is not None and row["id"] == key.id
+
+
+def _api_key_from_row(row: DictRow) -> ApiKey:
+    return ApiKey(
+        id=row["id"], prefix=row["prefix"], digest=row["digest"], principal=row["principal"],
+        tenant=row["tenant"], scopes=frozenset(row["scopes"]),
+        created_at=_utc(row["created_at"]), expires_at=_utc_or_none(row["expires_at"]),
+        revoked_at=_utc_or_none(row["revoked_at"]),
+        rate_limit=None if row["rate_limit"] is None else RateLimit.parse(row["rate_limit"]),
+        last_used_at=_utc_or_none(row["last_used_at"]), description=row["description"],
+    )
+
+
+def _audit_from_row(row: DictRow) -> tuple[int, AuditEvent]:
+    return row["seq"], AuditEvent(
+        ts=_utc(row["ts"]), principal=row["principal"], action=row["action"],
+        target=row["target"], outcome=row["outcome"], client=row["client"],
+        request_id=row["request_id"], details=row["details"], prev_hash=row["prev_hash"],
+        hash=row["hash"],
+    )

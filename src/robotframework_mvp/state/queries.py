@@ -14,12 +14,21 @@ _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
 
 
 def load_queries(dialect: str) -> dict[str, str]:
-    text = resources.files(__package__).joinpath("sql", dialect, "queries.sql").read_text("utf-8")
-    parts = _NAME.split(text)
+    """Every named query of ``sql/<dialect>/*.sql`` (``queries.sql``, ``api_keys.sql`` ...).
+
+    Queries are grouped in files by concern; a name may appear only once across them.
+    """
+    folder = resources.files(__package__).joinpath("sql", dialect)
     queries: dict[str, str] = {}
-    for name, body in zip(parts[1::2], parts[2::2], strict=True):
-        lines = [ln for ln in body.strip().splitlines() if not ln.lstrip().startswith("--")]
-        queries[name] = "\n".join(lines).strip().rstrip(";")
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql"):
+            continue
+        parts = _NAME.split(entry.read_text("utf-8"))
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in queries:
+                raise ValueError(f"query {name!r} is defined twice in sql/{dialect}/")
+            lines = [ln for ln in body.strip().splitlines() if not ln.lstrip().startswith("--")]
+            queries[name] = "\n".join(lines).strip().rstrip(";")
     return queries
 
 

@@ -19,25 +19,30 @@ from urllib.parse import urlsplit
 import anyio
 import anyio.to_thread
 
-from ..errors import ConfigError, ServiceUnavailableError
+from ..config import RateLimit
+from ..errors import ConfigError, ConflictError, ServiceUnavailableError
 from ..models import (
+    ApiKey,
     AuditEvent,
     ErrorInfo,
     Execution,
     ExecutionStatus,
+    MisfirePolicy,
     ModuleRecord,
     Robot,
     RobotStatus,
+    Schedule,
     audit_hash,
     new_id,
 )
-from .driver import Claim, Completion
+from .driver import Claim, Completion, ScheduleFire, followup_from_json, followups_json
 from .queries import load_migrations, load_queries
 
 __all__ = ["SQLiteDriver", "sqlite_path"]
 
 T = TypeVar("T")
 _Q = load_queries("sqlite")
+_EPOCH = datetime.fromtimestamp(0, UTC)
 
 
 def sqlite_path(url: str) -> str:
@@ -71,6 +76,7 @@ def _error(value: str | None) -> ErrorInfo | None:
 
 
 def robot_from_row(row: sqlite3.Row) -> Robot:
+    followups = None if row["followups"] is None else json.loads(row["followups"])
     return Robot(
         id=row["id"],
         kind=row["kind"],
@@ -94,6 +100,25 @@ def robot_from_row(row: sqlite3.Row) -> Robot:
         scheduled_at=datetime.fromtimestamp(row["scheduled_at"], UTC),
         lease_expires_at=_dt(row["lease_expires_at"]),
         lease_token=row["lease_token"],
+        parent_id=row["parent_id"],
+        parent_trigger=row["parent_trigger"],
+        schedule_id=row["schedule_id"],
+        on_success=followup_from_json(followups, "on_success"),
+        on_failure=followup_from_json(followups, "on_failure"),
+    )
+
+
+def schedule_from_row(row: sqlite3.Row) -> Schedule:
+    return Schedule(
+        id=row["id"], owner=row["owner"], tenant=row["tenant"], cron=row["cron"],
+        timezone=row["timezone"], kind=row["kind"], payload=json.loads(row["payload"]),
+        misfire_policy=MisfirePolicy(row["misfire_policy"]),
+        last_due_at=datetime.fromtimestamp(row["last_due_at"], UTC),
+        next_due_at=datetime.fromtimestamp(row["next_due_at"], UTC),
+        priority=row["priority"], misfire_limit=row["misfire_limit"],
+        paused=bool(row["paused"]),
+        created_at=datetime.fromtimestamp(row["created_at"], UTC),
+        updated_at=datetime.fromtimestamp(row["updated_at"], UTC),
     )
 
 
@@ -356,6 +381,9 @@ class SQLiteDriver:
                 {"id": completion.lease_token, "status": completion.execution_status,
                  "finished_at": now, "duration_ms": completion.duration_ms, "error": error},
             )
+            if completion.followup is not None:
+                # In this transaction; an existing (parent_id, parent_trigger) is skipped.
+                conn.execute(_Q["insert_robot"], _robot_params(completion.followup))
             return robot_from_row(row)
 
         return await self._write(run)
@@ -500,6 +528,183 @@ class SQLiteDriver:
             for r in rows
         ]
 
+    # -- later, on a schedule, in chains ------------------------------------------------
+
+    async def list_robots_by_due(
+        self, *, tenant: str | None, status: RobotStatus | None, kind: str | None,
+        limit: int, after: tuple[datetime, str] | None,
+    ) -> list[Robot]:
+        params = {
+            "tenant": tenant, "status": None if status is None else str(status),
+            "kind": kind, "limit": limit,
+            "after_at": None if after is None else after[0].timestamp(),
+            "after_id": None if after is None else after[1],
+        }
+        rows = await self._read(lambda c: c.execute(_Q["list_robots_by_due"], params).fetchall())
+        return [robot_from_row(r) for r in rows]
+
+    async def create_followups(self, robots: Sequence[Robot]) -> list[Robot]:
+        def run(conn: sqlite3.Connection) -> list[Robot]:
+            return [robot for robot in robots
+                    if conn.execute(_Q["insert_robot"], _robot_params(robot)).rowcount == 1]
+
+        return await self._write(run)
+
+    async def create_schedule(self, schedule: Schedule) -> Schedule:
+        params = {
+            "id": schedule.id, "owner": schedule.owner, "tenant": schedule.tenant,
+            "cron": schedule.cron, "timezone": schedule.timezone, "kind": schedule.kind,
+            "payload": json.dumps(schedule.payload), "priority": schedule.priority,
+            "misfire_policy": str(schedule.misfire_policy),
+            "misfire_limit": schedule.misfire_limit, "paused": int(schedule.paused),
+            "last_due_at": schedule.last_due_at.timestamp(),
+            "next_due_at": schedule.next_due_at.timestamp(),
+            "created_at": schedule.created_at.timestamp(),
+            "updated_at": schedule.updated_at.timestamp(),
+        }
+        row = await self._write(lambda c: c.execute(_Q["insert_schedule"], params).fetchone())
+        return schedule_from_row(row)
+
+    async def get_schedule(self, schedule_id: str) -> Schedule | None:
+        row = await self._read(
+            lambda c: c.execute(_Q["get_schedule"], {"id": schedule_id}).fetchone())
+        return None if row is None else schedule_from_row(row)
+
+    async def list_schedules(self, *, tenant: str | None, limit: int, after_id: str | None
+                             ) -> list[Schedule]:
+        params = {"tenant": tenant, "limit": limit, "after_id": after_id}
+        rows = await self._read(lambda c: c.execute(_Q["list_schedules"], params).fetchall())
+        return [schedule_from_row(r) for r in rows]
+
+    async def pause_schedule(self, schedule_id: str, now: datetime) -> Schedule | None:
+        params = {"id": schedule_id, "now": now.timestamp()}
+        row = await self._write(lambda c: c.execute(_Q["pause_schedule"], params).fetchone())
+        return None if row is None else schedule_from_row(row)
+
+    async def resume_schedule(self, schedule_id: str, now: datetime, next_due_at: datetime
+                              ) -> Schedule | None:
+        params = {"id": schedule_id, "now": now.timestamp(), "last_due_at": now.timestamp(),
+                  "next_due_at": next_due_at.timestamp()}
+        row = await self._write(lambda c: c.execute(_Q["resume_schedule"], params).fetchone())
+        return None if row is None else schedule_from_row(row)
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        def run(conn: sqlite3.Connection) -> bool:
+            deleted = conn.execute(_Q["delete_schedule"], {"id": schedule_id}).rowcount
+            if deleted:
+                conn.execute(_Q["delete_schedule_fires"], {"id": schedule_id})
+            return bool(deleted)
+
+        return await self._write(run)
+
+    async def due_schedules(self, now: datetime, limit: int) -> list[Schedule]:
+        params = {"now": now.timestamp(), "limit": limit}
+        rows = await self._read(lambda c: c.execute(_Q["due_schedules"], params).fetchall())
+        return [schedule_from_row(r) for r in rows]
+
+    async def next_schedule_due_at(self) -> datetime | None:
+        row = await self._read(lambda c: c.execute(_Q["next_schedule_due_at"]).fetchone())
+        return None if row is None or row["due"] is None else _dt(row["due"])
+
+    async def fire_schedule(
+        self, schedule: Schedule, *, last_due_at: datetime, next_due_at: datetime,
+        fires: Sequence[tuple[ScheduleFire, Robot]], now: datetime,
+    ) -> list[Robot] | None:
+        advance = {"id": schedule.id, "expected_last_due_at": schedule.last_due_at.timestamp(),
+                   "last_due_at": last_due_at.timestamp(),
+                   "next_due_at": next_due_at.timestamp(), "now": now.timestamp()}
+
+        def run(conn: sqlite3.Connection) -> list[Robot] | None:
+            if conn.execute(_Q["advance_schedule"], advance).fetchone() is None:
+                return None  # another process decided this interval
+            fired = []
+            for fire, robot in fires:
+                inserted = conn.execute(_Q["insert_fire"], {
+                    "schedule_id": schedule.id, "due_at": fire.due_at.timestamp(),
+                    "robot_id": robot.id, "now": now.timestamp(), "late": int(fire.late),
+                    "covers": fire.covers,
+                }).rowcount
+                if inserted == 1:
+                    conn.execute(_Q["insert_robot"], _robot_params(robot))
+                    fired.append(robot)
+            return fired
+
+        return await self._write(run)
+
+    async def list_schedule_fires(self, schedule_id: str, limit: int) -> list[ScheduleFire]:
+        params = {"schedule_id": schedule_id, "limit": limit}
+        rows = await self._read(
+            lambda c: c.execute(_Q["list_schedule_fires"], params).fetchall())
+        return [ScheduleFire(schedule_id=r["schedule_id"], due_at=_dt(r["due_at"]) or _EPOCH,
+                             robot_id=r["robot_id"], fired_at=_dt(r["fired_at"]) or _EPOCH,
+                             late=bool(r["late"]), covers=r["covers"]) for r in rows]
+
+    # -- API keys ----------------------------------------------------------------------
+
+    async def create_api_key(self, key: ApiKey) -> bool:
+        params = _api_key_params(key)
+
+        def run(conn: sqlite3.Connection) -> bool:
+            try:
+                conn.execute(_Q["insert_api_key"], params)
+            except sqlite3.IntegrityError:
+                return False
+            return True
+
+        return await self._write(run)
+
+    async def get_api_key_by_prefix(self, prefix: str) -> ApiKey | None:
+        row = await self._read(
+            lambda c: c.execute(_Q["get_api_key_by_prefix"], {"prefix": prefix}).fetchone())
+        return None if row is None else _api_key_from_row(row)
+
+    async def list_api_keys(self, *, principal: str | None) -> list[ApiKey]:
+        rows = await self._read(
+            lambda c: c.execute(_Q["list_api_keys"], {"principal": principal}).fetchall())
+        return [_api_key_from_row(r) for r in rows]
+
+    async def revoke_api_key(self, prefix: str, now: datetime) -> ApiKey | None:
+        params = {"prefix": prefix, "now": now.timestamp()}
+        row = await self._write(lambda c: c.execute(_Q["revoke_api_key"], params).fetchone())
+        return None if row is None else _api_key_from_row(row)
+
+    async def replace_api_key(
+        self, prefix: str, replacement: ApiKey, expires_at: datetime
+    ) -> ApiKey | None:
+        params = {"prefix": prefix, "expires_at": expires_at.timestamp()}
+        new = _api_key_params(replacement)
+
+        def run(conn: sqlite3.Connection) -> ApiKey | None:
+            row = conn.execute(_Q["expire_api_key"], params).fetchone()
+            if row is None:
+                return None
+            try:
+                conn.execute(_Q["insert_api_key"], new)
+            except sqlite3.IntegrityError:
+                # Raising rolls the expiry back: the old key keeps working.
+                raise ConflictError("the new key's prefix is taken; try again") from None
+            return _api_key_from_row(row)
+
+        return await self._write(run)
+
+    async def touch_api_keys(self, used: Sequence[tuple[str, datetime]]) -> None:
+        if not used:
+            return
+        params = [{"prefix": prefix, "used_at": at.timestamp()} for prefix, at in used]
+        await self._write(lambda c: c.executemany(_Q["touch_api_key"], params))
+
+    # -- audit retention ---------------------------------------------------------------
+
+    async def purge_audit(self, before: datetime) -> int:
+        params = {"before": before.timestamp()}
+        return await self._write(
+            lambda c: int(c.execute(_Q["purge_audit_prefix"], params).rowcount))
+
+    async def tail_audit(self, limit: int) -> list[tuple[int, AuditEvent]]:
+        rows = await self._read(
+            lambda c: c.execute(_Q["tail_audit"], {"limit": limit}).fetchall())
+        return [_audit_from_row(r) for r in rows]
+
     # -- statistics and retention ------------------------------------------------------
 
     async def count_robots(self) -> dict[tuple[str, str], int]:
@@ -512,13 +717,18 @@ class SQLiteDriver:
         oldest = None if row["oldest"] is None else max(0.0, now_ts - row["oldest"])
         return int(row["n"]), oldest
 
+    async def recent_outcomes(self, since_id: str, limit: int) -> list[tuple[str, str, float]]:
+        rows = await self._read(lambda c: c.execute(
+            _Q["recent_outcomes"], {"since_id": since_id, "limit": limit}).fetchall())
+        return [(r["module"], r["status"], float(r["duration_ms"])) for r in rows]
+
     async def purge(self, finished_before: datetime) -> int:
         before = finished_before.timestamp()
 
         def run(conn: sqlite3.Connection) -> int:
             conn.execute(_Q["purge_executions"], {"before": before})
             deleted = conn.execute(_Q["purge_robots"], {"before": before}).rowcount
-            conn.execute(_Q["purge_audit"], {"before": before})
+            conn.execute(_Q["purge_fires"], {"before": before})
             return int(deleted)
 
         return await self._write(run)
@@ -539,6 +749,10 @@ def _robot_params(robot: Robot) -> dict[str, Any]:
         "created_at": robot.created_at.timestamp(),
         "updated_at": robot.updated_at.timestamp(),
         "scheduled_at": robot.scheduled_at.timestamp(),
+        "parent_id": robot.parent_id,
+        "parent_trigger": robot.parent_trigger,
+        "schedule_id": robot.schedule_id,
+        "followups": None if (data := followups_json(robot)) is None else json.dumps(data),
     }
 
 
@@ -552,3 +766,34 @@ def _split_sql(script: str) -> list[str]:
     """Split a migration into statements (our migrations hold no semicolons in bodies)."""
     lines = [ln for ln in script.splitlines() if not ln.strip().startswith("--")]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+def _api_key_params(key: ApiKey) -> dict[str, Any]:
+    return {
+        "id": key.id, "prefix": key.prefix, "digest": key.digest, "principal": key.principal,
+        "tenant": key.tenant, "scopes": json.dumps(sorted(key.scopes)),
+        "created_at": key.created_at.timestamp(), "expires_at": _ts(key.expires_at),
+        "revoked_at": _ts(key.revoked_at),
+        "rate_limit": None if key.rate_limit is None else str(key.rate_limit),
+        "last_used_at": _ts(key.last_used_at), "description": key.description,
+    }
+
+
+def _api_key_from_row(row: sqlite3.Row) -> ApiKey:
+    return ApiKey(
+        id=row["id"], prefix=row["prefix"], digest=row["digest"], principal=row["principal"],
+        tenant=row["tenant"], scopes=frozenset(json.loads(row["scopes"])),
+        created_at=datetime.fromtimestamp(row["created_at"], UTC),
+        expires_at=_dt(row["expires_at"]), revoked_at=_dt(row["revoked_at"]),
+        rate_limit=None if row["rate_limit"] is None else RateLimit.parse(row["rate_limit"]),
+        last_used_at=_dt(row["last_used_at"]), description=row["description"],
+    )
+
+
+def _audit_from_row(row: sqlite3.Row) -> tuple[int, AuditEvent]:
+    return row["seq"], AuditEvent(
+        ts=datetime.fromtimestamp(row["ts"], UTC), principal=row["principal"],
+        action=row["action"], target=row["target"], outcome=row["outcome"],
+        client=row["client"], request_id=row["request_id"], details=json.loads(row["details"]),
+        prev_hash=row["prev_hash"], hash=row["hash"],
+    )

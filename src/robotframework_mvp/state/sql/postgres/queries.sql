@@ -12,20 +12,24 @@ WITH input AS (
         %(tenants)s::text[], %(statuses)s::text[], %(modules)s::text[],
         %(max_attempts)s::integer[], %(priorities)s::integer[], %(idempotency_keys)s::text[],
         %(created_at)s::timestamptz[], %(updated_at)s::timestamptz[],
-        %(scheduled_at)s::timestamptz[]
+        %(scheduled_at)s::timestamptz[], %(parent_ids)s::text[], %(parent_triggers)s::text[],
+        %(schedule_ids)s::text[], %(followups)s::jsonb[]
     ) WITH ORDINALITY AS t(id, kind, payload, owner, tenant, status, module, max_attempts,
-                           priority, idempotency_key, created_at, updated_at, scheduled_at, n)
+                           priority, idempotency_key, created_at, updated_at, scheduled_at,
+                           parent_id, parent_trigger, schedule_id, followups, n)
 ), ins AS (
     INSERT INTO robots (id, kind, payload, owner, tenant, status, module, max_attempts,
-                        priority, idempotency_key, created_at, updated_at, scheduled_at)
+                        priority, idempotency_key, created_at, updated_at, scheduled_at,
+                        parent_id, parent_trigger, schedule_id, followups)
     SELECT id, kind, payload, owner, tenant, status, module, max_attempts, priority,
-           idempotency_key, created_at, updated_at, scheduled_at
+           idempotency_key, created_at, updated_at, scheduled_at, parent_id, parent_trigger,
+           schedule_id, followups
     FROM input ORDER BY n
     ON CONFLICT DO NOTHING
     RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
               attempts, max_attempts, priority, idempotency_key, result, error, created_at,
               updated_at, started_at, finished_at, scheduled_at, lease_token,
-              lease_expires_at
+              lease_expires_at, parent_id, parent_trigger, schedule_id, followups
 ), wake AS (
     SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT 1 FROM ins WHERE status = 'queued')
 )
@@ -35,12 +39,14 @@ SELECT ins.*, (SELECT count(*) FROM wake) AS woken FROM ins;
 -- After a skipped insert: the robots stored under these ids or (owner, idempotency_key).
 SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
        max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
-       started_at, finished_at, scheduled_at, lease_token, lease_expires_at
+       started_at, finished_at, scheduled_at, lease_token, lease_expires_at, parent_id,
+       parent_trigger, schedule_id, followups
 FROM robots WHERE id = ANY(%(ids)s::text[])
 UNION ALL
 SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
        max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
-       started_at, finished_at, scheduled_at, lease_token, lease_expires_at
+       started_at, finished_at, scheduled_at, lease_token, lease_expires_at, parent_id,
+       parent_trigger, schedule_id, followups
 FROM robots
 WHERE (owner, idempotency_key) IN (
     SELECT * FROM unnest(%(owners)s::text[], %(idempotency_keys)s::text[]))
@@ -49,14 +55,16 @@ WHERE (owner, idempotency_key) IN (
 -- name: get_robot
 SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
        max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
-       started_at, finished_at, scheduled_at, lease_token, lease_expires_at
+       started_at, finished_at, scheduled_at, lease_token, lease_expires_at, parent_id,
+       parent_trigger, schedule_id, followups
 FROM robots WHERE id = %(id)s;
 
 -- name: list_robots
 -- Newest first; NULL filters match everything.
 SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
        max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
-       started_at, finished_at, scheduled_at, lease_token, lease_expires_at
+       started_at, finished_at, scheduled_at, lease_token, lease_expires_at, parent_id,
+       parent_trigger, schedule_id, followups
 FROM robots
 WHERE (%(tenant)s::text IS NULL OR tenant = %(tenant)s::text)
   AND (%(status)s::text IS NULL OR status = %(status)s::text)
@@ -84,7 +92,8 @@ WITH due AS MATERIALIZED (
     RETURNING r.id, r.kind, r.payload, r.owner, r.tenant, r.status, r.module, r.progress,
               r.progress_message, r.attempts, r.max_attempts, r.priority, r.idempotency_key,
               r.result, r.error, r.created_at, r.updated_at, r.started_at, r.finished_at,
-              r.scheduled_at, r.lease_token, r.lease_expires_at
+              r.scheduled_at, r.lease_token, r.lease_expires_at,
+              r.parent_id, r.parent_trigger, r.schedule_id, r.followups
 ), execution AS (
     INSERT INTO executions (id, robot_id, module, attempt, status, worker, started_at)
     SELECT lease_token, id, %(module)s, attempts, 'running', %(worker)s, %(now)s FROM claimed
@@ -105,7 +114,7 @@ WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'running'
 RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
               attempts, max_attempts, priority, idempotency_key, result, error, created_at,
               updated_at, started_at, finished_at, scheduled_at, lease_token,
-              lease_expires_at;
+              lease_expires_at, parent_id, parent_trigger, schedule_id, followups;
 
 -- name: complete_robot
 -- End an attempt: terminal status, or back to queued for a retry; and its execution.
@@ -125,16 +134,31 @@ WITH done AS (
     RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
               attempts, max_attempts, priority, idempotency_key, result, error, created_at,
               updated_at, started_at, finished_at, scheduled_at, lease_token,
-              lease_expires_at
+              lease_expires_at, parent_id, parent_trigger, schedule_id, followups
 ), execution AS (
     UPDATE executions
     SET status = %(execution_status)s, finished_at = %(now)s, duration_ms = %(duration_ms)s,
         error = %(error)s::jsonb
     WHERE id = %(lease_token)s AND status = 'running' AND EXISTS (SELECT 1 FROM done)
+), child AS (
+    -- The follow-up of a chain, created with the completion or not at all; the unique
+    -- (parent_id, parent_trigger) index makes a duplicate completion create nothing.
+    INSERT INTO robots (id, kind, payload, owner, tenant, status, module, max_attempts,
+                        priority, created_at, updated_at, scheduled_at, parent_id,
+                        parent_trigger)
+    SELECT %(child_id)s::text, %(child_kind)s::text, %(child_payload)s::jsonb,
+           done.owner, done.tenant, 'queued', %(child_module)s::text,
+           %(child_max_attempts)s::integer, done.priority, %(now)s, %(now)s, %(now)s,
+           done.id, %(child_trigger)s::text
+    FROM done WHERE %(child_id)s::text IS NOT NULL
+    ON CONFLICT DO NOTHING
+    RETURNING id
 ), wake AS (
-    SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT 1 FROM done WHERE status = 'queued')
+    SELECT pg_notify(%(channel)s, '')
+    WHERE EXISTS (SELECT 1 FROM done WHERE status = 'queued') OR EXISTS (SELECT 1 FROM child)
 )
-SELECT done.*, (SELECT count(*) FROM wake) AS woken FROM done;
+SELECT done.*, (SELECT count(*) FROM wake) AS woken, (SELECT count(*) FROM child) AS children
+FROM done;
 
 -- name: cancel_robot
 WITH cancelled AS (
@@ -146,7 +170,7 @@ WITH cancelled AS (
     RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
               attempts, max_attempts, priority, idempotency_key, result, error, created_at,
               updated_at, started_at, finished_at, scheduled_at, lease_token,
-              lease_expires_at
+              lease_expires_at, parent_id, parent_trigger, schedule_id, followups
 ), execution AS (
     UPDATE executions
     SET status = 'cancelled', finished_at = %(now)s,
@@ -196,7 +220,9 @@ WITH expired AS MATERIALIZED (
     RETURNING r.id, r.kind, r.payload, r.owner, r.tenant, r.status, r.module, r.progress,
               r.progress_message, r.attempts, r.max_attempts, r.priority, r.idempotency_key,
               r.result, r.error, r.created_at, r.updated_at, r.started_at, r.finished_at,
-              r.scheduled_at, r.lease_token, r.lease_expires_at, expired.lease_token AS reaped_token
+              r.scheduled_at, r.lease_token, r.lease_expires_at,
+              r.parent_id, r.parent_trigger, r.schedule_id, r.followups,
+              expired.lease_token AS reaped_token
 ), execution AS (
     UPDATE executions e
     SET status = 'lost', finished_at = %(now)s,
@@ -220,7 +246,7 @@ WITH requeued AS (
     RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
               attempts, max_attempts, priority, idempotency_key, result, error, created_at,
               updated_at, started_at, finished_at, scheduled_at, lease_token,
-              lease_expires_at
+              lease_expires_at, parent_id, parent_trigger, schedule_id, followups
 ), wake AS (
     SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT 1 FROM requeued)
 )
@@ -285,14 +311,15 @@ SELECT COUNT(*) AS n, MIN(scheduled_at) AS oldest FROM robots
 WHERE status = 'queued' AND scheduled_at <= %(now)s;
 
 -- name: purge
--- Finished robots older than the cutoff with their executions, and old audit records.
-WITH robots_gone AS (
+-- Finished robots older than the cutoff with their executions, and
+-- old schedule fires (a schedule's last_due_at keeps it from firing those again).
+WITH fires_gone AS (
+    DELETE FROM schedule_fires WHERE fired_at < %(before)s
+), robots_gone AS (
     DELETE FROM robots WHERE finished_at IS NOT NULL AND finished_at < %(before)s
     RETURNING id
 ), executions_gone AS (
     DELETE FROM executions WHERE robot_id IN (SELECT id FROM robots_gone)
-), audit_gone AS (
-    DELETE FROM audit_log WHERE ts < %(before)s
 )
 SELECT count(*) AS n FROM robots_gone;
 
@@ -316,3 +343,11 @@ INSERT INTO schema_migrations (version, name) VALUES (%(version)s, %(name)s);
 
 -- name: current_schema
 SELECT current_schema() AS schema;
+
+-- name: recent_outcomes
+-- Finished attempts since an execution id (UUIDv7: time-ordered, so the primary key
+-- index serves the range), newest first: what the leader scores modules from.
+SELECT module, status, duration_ms FROM executions
+WHERE id >= %(since_id)s AND duration_ms IS NOT NULL
+  AND status IN ('succeeded', 'failed', 'timed_out')
+ORDER BY id DESC LIMIT %(limit)s;

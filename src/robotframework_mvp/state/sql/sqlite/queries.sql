@@ -1,10 +1,12 @@
 -- name: insert_robot
 -- Insert a robot unless its (owner, idempotency_key) exists already.
+-- A chain's child whose (parent_id, parent_trigger) exists is skipped the same way.
 INSERT INTO robots (id, kind, payload, owner, tenant, status, module, progress, progress_message,
                     attempts, max_attempts, priority, idempotency_key, created_at, updated_at,
-                    scheduled_at)
+                    scheduled_at, parent_id, parent_trigger, schedule_id, followups)
 VALUES (:id, :kind, :payload, :owner, :tenant, :status, :module, 0, NULL, 0, :max_attempts,
-        :priority, :idempotency_key, :created_at, :updated_at, :scheduled_at)
+        :priority, :idempotency_key, :created_at, :updated_at, :scheduled_at, :parent_id,
+        :parent_trigger, :schedule_id, :followups)
 ON CONFLICT DO NOTHING;
 
 -- name: get_robot
@@ -173,5 +175,10 @@ DELETE FROM executions WHERE robot_id IN (
 -- name: purge_robots
 DELETE FROM robots WHERE finished_at IS NOT NULL AND finished_at < :before;
 
--- name: purge_audit
-DELETE FROM audit_log WHERE ts < :before;
+-- name: recent_outcomes
+-- Finished attempts since an execution id (UUIDv7: time-ordered, so the primary key
+-- index serves the range), newest first: what the leader scores modules from.
+SELECT module, status, duration_ms FROM executions
+WHERE id >= :since_id AND duration_ms IS NOT NULL
+  AND status IN ('succeeded', 'failed', 'timed_out')
+ORDER BY id DESC LIMIT :limit;

@@ -1,0 +1,350 @@
+"""HTTP load on ``examples/server.py``: POST /api/v1/robots over loopback.
+
+    python bench/http_load.py                                    # sqlite (temp) + memory
+    python bench/http_load.py --storage postgresql://postgres@127.0.0.1:5432/test \\
+        --cache redis://127.0.0.1:6379/0 --connections 32 --duration 10
+    python bench/http_load.py --tool wrk                         # if wrk is installed
+
+Starts the example server (one uvicorn process, its worker on, as shipped) on a free port
+with a static key and no rate limit, waits for /health, warms up, then keeps
+``--connections`` keep-alive connections busy with ``{"kind":"echo","payload":{}}`` for
+``--duration`` seconds (or ``--max-requests``). Prints one JSON line: requests_per_s,
+p50/p95/p99 ms, errors, non_2xx, and the CPU seconds the server and the load client
+used (both share this machine's cores). Then waits until the server's worker has run every
+robot, stops the server with SIGTERM, and checks that each robot created succeeded exactly
+once (``--no-worker``: that each is stored once, still queued).
+
+Clients: ``raw`` (default: minimal HTTP/1.1 keep-alive over asyncio streams, about a fifth
+of a core at 1,000 req/s, so the server is what is measured), ``httpx`` (an
+``httpx.AsyncClient``: it saturates a core near 300 req/s on this machine and then measures
+itself, not the server), ``wrk`` (C; wrk reports no p95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _support as bs
+
+BODY = json.dumps({"kind": "echo", "payload": {}}).encode()
+PATH = "/api/v1/robots"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (from /proc/PID/stat), in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+# -- clients -------------------------------------------------------------------------------
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.lat: list[float] = []
+        self.ok = 0
+        self.non_2xx = 0
+        self.errors = 0
+        self.status: dict[int, int] = {}
+
+    def add(self, status: int, ms: float) -> None:
+        self.lat.append(ms)
+        self.status[status] = self.status.get(status, 0) + 1
+        if 200 <= status < 300:
+            self.ok += 1
+        else:
+            self.non_2xx += 1
+
+
+async def run_httpx(url: str, connections: int, duration: float, max_requests: int,
+                    stats: Stats) -> None:
+    import httpx
+
+    headers = {"X-API-Key": bs.API_KEY, "content-type": "application/json"}
+    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+    deadline = time.perf_counter() + duration
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10.0) as client:
+
+        async def one() -> None:
+            while time.perf_counter() < deadline and len(stats.lat) + stats.errors < max_requests:
+                t = time.perf_counter()
+                try:
+                    r = await client.post(PATH, content=BODY, headers=headers)
+                except httpx.HTTPError:
+                    stats.errors += 1
+                    continue
+                stats.add(r.status_code, (time.perf_counter() - t) * 1000)
+
+        await asyncio.gather(*[one() for _ in range(connections)])
+
+
+async def run_raw(host: str, port: int, connections: int, duration: float, max_requests: int,
+                  stats: Stats) -> None:
+    request = (f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nX-API-Key: {bs.API_KEY}\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n"
+               ).encode() + BODY
+    deadline = time.perf_counter() + duration
+
+    async def one() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while time.perf_counter() < deadline and len(stats.lat) + stats.errors < max_requests:
+                t = time.perf_counter()
+                try:
+                    writer.write(request)
+                    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                    status = int(head[9:12])
+                    match = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+                    if match is None:  # chunked or close-delimited: not what uvicorn sends here
+                        raise ConnectionError("response without content-length")
+                    await reader.readexactly(int(match.group(1)))
+                except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+                    stats.errors += 1
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+                    continue
+                stats.add(status, (time.perf_counter() - t) * 1000)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*[one() for _ in range(connections)])
+
+
+_WRK_LUA = f"""
+wrk.method = "POST"
+wrk.body = '{BODY.decode()}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["X-API-Key"] = "{bs.API_KEY}"
+"""
+
+
+def _wrk_ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def run_wrk(url: str, connections: int, duration: float, threads: int) -> dict[str, Any]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+        f.write(_WRK_LUA)
+        script = f.name
+    try:
+        out = subprocess.run(
+            ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration))}s",
+             "--latency", "--timeout", "10s", "-s", script, url + PATH],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    finally:
+        os.unlink(script)
+    lat = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.MULTILINE))
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {
+        "requests_per_s": round(float(re.search(r"Requests/sec:\s+([\d.]+)", out)  # type: ignore[union-attr]
+                                      .group(1))),
+        "p50_ms": _wrk_ms(lat["50"]), "p95_ms": None, "p99_ms": _wrk_ms(lat["99"]),
+        "p90_ms": _wrk_ms(lat["90"]),
+        "requests": total,
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "errors": sum(int(x) for x in sock.groups()) if sock else 0,
+        "raw": out,
+    }
+
+
+# -- the server ----------------------------------------------------------------------------
+
+
+def start_server(args: argparse.Namespace, store: bs.ScratchStore, port: int,
+                 log_path: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env.update(store.env())
+    env.update({
+        "RFMVP_API_KEYS": f"{bs.PRINCIPAL}:{bs.API_KEY}",
+        "RFMVP_RATE_LIMIT": "none",
+        "RFMVP_HOST": "127.0.0.1",
+        "RFMVP_PORT": str(port),
+        "RFMVP_WORKER_ENABLED": "true" if args.worker else "false",
+    })
+    log = open(log_path, "wb")  # noqa: SIM115 - the server owns it until it exits
+    return subprocess.Popen([sys.executable, args.server], env=env, stdout=log, stderr=log,
+                            cwd=str(Path(args.server).resolve().parent))
+
+
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode} before it was healthy")
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise SystemExit("the server did not become healthy within 30 s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def wait_drained(store: bs.ScratchStore, timeout: float) -> int:
+    """Wait until no robot is queued or running; return how many still are."""
+    deadline = time.monotonic() + timeout
+    while True:
+        robots, _ = bs._rows(store)
+        left = sum(1 for _, status, _ in robots if status in ("queued", "running"))
+        if left == 0 or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--storage", default=None, help="sqlite:///PATH (default temp) or postgresql://")
+    p.add_argument("--cache", default="memory://")
+    p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of measured load")
+    p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load first")
+    p.add_argument("--max-requests", type=int, default=200_000)
+    p.add_argument("--tool", choices=["httpx", "raw", "wrk"], default="raw",
+                   help="raw (default): minimal asyncio HTTP/1.1 client; httpx: saturates a "
+                        "core at a few hundred req/s here, so it measures itself; wrk")
+    p.add_argument("--wrk-threads", type=int, default=1)
+    p.add_argument("--server", default=str(ROOT / "examples" / "server.py"))
+    p.add_argument("--no-worker", dest="worker", action="store_false",
+                   help="RFMVP_WORKER_ENABLED=false: measure the API path alone")
+    p.add_argument("--drain-timeout", type=float, default=120.0)
+    p.add_argument("--profile-server", metavar="FILE",
+                   help="py-spy the server during the measured load (raw format, to FILE)")
+    p.add_argument("--json-only", action="store_true")
+    args = p.parse_args(argv)
+    if args.tool == "wrk" and shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed (apt-get install wrk); use --tool httpx or raw")
+    quiet = args.json_only
+
+    with bs.scratch_store(args.storage, args.cache) as store, \
+            tempfile.TemporaryDirectory(prefix="rfmvp-http-") as tmp:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log_path = Path(tmp) / "server.log"
+        proc = start_server(args, store, port, log_path)
+        try:
+            wait_healthy(url, proc)
+            bs.log(quiet, f"server up on {url} (pid {proc.pid}); tool {args.tool}, "
+                          f"{args.connections} connections, {args.duration:g} s")
+            warm = Stats()
+            if args.warmup > 0:
+                asyncio.run(run_raw("127.0.0.1", port, args.connections, args.warmup,
+                                    args.max_requests, warm))
+            spy = None
+            if args.profile_server:
+                spy = subprocess.Popen(
+                    [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"),
+                     "record", "-p", str(proc.pid), "-r", "400", "-f", "raw", "--threads",
+                     "-d", str(max(1, round(args.duration))), "-o", args.profile_server],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            server_cpu0, client_cpu0, t0 = cpu_seconds(proc.pid), self_cpu(), time.perf_counter()
+            stats = Stats()
+            result: dict[str, Any]
+            if args.tool == "wrk":
+                result = run_wrk(url, args.connections, args.duration, args.wrk_threads)
+                raw = result.pop("raw")
+                bs.log(quiet, raw)
+                accepted = result["requests"] - result["non_2xx"]
+            else:
+                if args.tool == "httpx":
+                    asyncio.run(run_httpx(url, args.connections, args.duration,
+                                          args.max_requests, stats))
+                else:
+                    asyncio.run(run_raw("127.0.0.1", port, args.connections, args.duration,
+                                        args.max_requests, stats))
+                elapsed = time.perf_counter() - t0
+                result = {
+                    "requests_per_s": round(len(stats.lat) / elapsed),
+                    "p50_ms": round(bs.pct(stats.lat, 50), 3),
+                    "p95_ms": round(bs.pct(stats.lat, 95), 3),
+                    "p99_ms": round(bs.pct(stats.lat, 99), 3),
+                    "requests": len(stats.lat), "non_2xx": stats.non_2xx,
+                    "errors": stats.errors, "status": stats.status,
+                }
+                accepted = stats.ok
+            elapsed = time.perf_counter() - t0
+            result["server_cpu_s"] = round(cpu_seconds(proc.pid) - server_cpu0, 2)
+            result["client_cpu_s"] = round(self_cpu() - client_cpu0, 2)
+            result["wall_s"] = round(elapsed, 2)
+            expected = accepted + warm.ok
+            if spy is not None:
+                spy.wait(timeout=60)
+            left = wait_drained(store, args.drain_timeout) if args.worker else 0
+        finally:
+            code = stop_server(proc)
+        check = bs.verify(store) if args.worker else {"verified": True, "problems": []}
+        robots, _ = bs._rows(store)
+        problems = list(check["problems"])
+        if left:
+            problems.append(f"{left} robots still queued or running after the drain timeout")
+        if args.tool == "wrk":
+            # wrk counts responses received within the duration: requests still in flight
+            # at its end (one per connection at most) or timed out were stored all the same.
+            if not expected <= len(robots) <= expected + args.connections + result["errors"]:
+                problems.append(f"{len(robots)} robots stored for {expected} accepted requests")
+        elif len(robots) != expected:
+            problems.append(f"{len(robots)} robots stored for {expected} accepted requests")
+        if code not in (0, -signal.SIGTERM):
+            problems.append(f"the server exited with {code}")
+        if problems:
+            bs.log(False, log_path.read_text()[-3000:])
+        out = {
+            "system": "robotframework-mvp", "bench": "http", "tool": args.tool,
+            "storage": store.storage, "cache": store.cache, "connections": args.connections,
+            "duration_s": args.duration, "worker": args.worker, **result,
+            "robots_stored": len(robots), "verified": not problems, "problems": problems,
+            "src_digest": bs.src_digest(),
+        }
+    print(json.dumps(out), flush=True)
+    return 0 if out["verified"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The invoice pipeline example: see README.md."""
