@@ -78,14 +78,9 @@ async def bench(args: argparse.Namespace, store: bs.ScratchStore) -> dict[str, A
         rss_start = bs.current_rss_mb()
         submitted = 0
         next_cp = 0
-        while next_cp < len(checkpoints):
-            while submitted < args.max and submitted - progress.finished < args.backlog:
-                k = min(args.batch, args.max - submitted)
-                await orch.submit_many([request] * k, api_key=bs.API_KEY)
-                submitted += k
-            progress.changed = anyio.Event()
-            with anyio.fail_after(args.timeout):
-                await progress.changed.wait()
+
+        def sample_due() -> None:
+            nonlocal next_cp
             while next_cp < len(checkpoints) and progress.finished >= checkpoints[next_cp]:
                 raw = bs.current_rss_mb()
                 gc.collect()
@@ -95,6 +90,17 @@ async def bench(args: argparse.Namespace, store: bs.ScratchStore) -> dict[str, A
                 samples.append(sample)
                 bs.log(args.json_only, json.dumps(sample))
                 next_cp += 1
+
+        while next_cp < len(checkpoints):
+            while submitted < args.max and submitted - progress.finished < args.backlog:
+                k = min(args.batch, args.max - submitted)
+                await orch.submit_many([request] * k, api_key=bs.API_KEY)
+                submitted += k
+                sample_due()
+            progress.changed = anyio.Event()
+            with anyio.fail_after(args.timeout):
+                await progress.changed.wait()
+            sample_due()
         with anyio.fail_after(args.timeout):
             while progress.finished < args.max:
                 progress.changed = anyio.Event()
