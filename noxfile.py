@@ -48,3 +48,4 @@ def bench(session: nox.Session) -> None:
     ):
         session.run("python", "bench/run.py", "--storage", storage, "--cache", cache,
                     "-n", "5000", "-c", "10", "--latency-samples", "300")
+        session.run("python", "bench/http_load.py", "--storage", storage, "--cache", cache)

@@ -47,7 +47,8 @@ ROUTES = (
 )
 
 PAGES = ("index", "quickstart", "concepts", "modules", "hooks", "configuration", "http",
-         "architecture", "deployment", "scheduling", "operations", "security")
+         "architecture", "deployment", "scheduling", "operations", "security", "resilience",
+         "performance")
 
 
 def _read(name: str) -> str:
