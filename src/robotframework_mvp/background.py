@@ -26,6 +26,7 @@ from .alerts import AlertMonitor
 from .balancing import score_module
 from .leader import build_elector
 from .models import ModuleRecord, utcnow
+from .queue_guard import QueueGuard
 
 if TYPE_CHECKING:
     from .orchestrator import Orchestrator
@@ -34,7 +35,6 @@ __all__ = ["BackgroundLoops"]
 
 log = logging.getLogger(__name__)
 
-_HEALTH_CHECK_TIMEOUT = 10.0
 #: most attempts the leader reads per scoring run (newest first)
 _FLEET_SAMPLES = 20_000
 #: loops only the leader runs
@@ -54,6 +54,9 @@ class BackgroundLoops:
         self.leader = build_elector(settings, orchestrator.driver, orchestrator.cache.backend)
         self.alerts = AlertMonitor(orchestrator.tracker, orchestrator.module_stats,
                                    settings.performance)
+        self.queue_guard = QueueGuard(orchestrator)
+        #: the last health check of each local module: health, latency, when
+        self.health_checks: dict[str, dict[str, object]] = {}
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -65,6 +68,8 @@ class BackgroundLoops:
             await tg.start(self.leader.run)
             tg.start_soon(self._loop, "alerts", cfg.alert_interval, self.alerts_once, False)
             tg.start_soon(self._loop, "reaper", cfg.reaper_interval, self.reap_once, False)
+            tg.start_soon(self._loop, "queue_guard", cfg.reaper_interval,
+                          self.queue_guard.run_once, False)
             tg.start_soon(self._loop, "health", cfg.health_interval, self.check_health_once,
                           True)
             tg.start_soon(self._loop, "scores", cfg.scores_interval, self.score_once, False)
@@ -95,6 +100,8 @@ class BackgroundLoops:
             for robot in reaped:
                 if robot.is_terminal:
                     await self.orch._robot_finished(robot)
+                elif robot.module is not None:
+                    self.orch.circuits.retries[robot.module] += 1  # a lost attempt's retry
             # A robot failed by the reaper still starts its chain's on_failure robot
             # (right after, not in the reaping transaction: see docs/scheduling.md).
             children = [child for robot in reaped if robot.is_terminal
@@ -104,15 +111,27 @@ class BackgroundLoops:
                 await self.orch.state.create_followups(children)
 
     async def check_health_once(self) -> None:
-        """Run every local module's health check (each bounded by a timeout)."""
+        """Run every local module's health check (each bounded by
+        ``RFMVP_HEALTH_CHECK_TIMEOUT``; one that takes longer is unhealthy)."""
+        timeout = self.orch.settings.background.health_check_timeout
         for name, module in self.orch.modules.items():
             healthy = False
-            with anyio.move_on_after(_HEALTH_CHECK_TIMEOUT):
+            error = None
+            started = time.perf_counter()
+            with anyio.move_on_after(timeout) as scope:
                 try:
                     healthy = await module.check_health()
-                except Exception:
+                except Exception as exc:
+                    error = type(exc).__name__
                     log.exception("health check of module %r failed", name)
-            self.orch.module_stats[name].health = "healthy" if healthy else "unhealthy"
+            if scope.cancelled_caught:
+                error = f"timed out after {timeout:g} s"
+                log.warning("health check of module %r timed out after %g s", name, timeout)
+            health = "healthy" if healthy else "unhealthy"
+            self.orch.module_stats[name].health = health
+            self.health_checks[name] = {
+                "health": health, "error": error, "checked_at": time.time(),
+                "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
         await self.publish_once()
 
     async def publish_once(self) -> None:

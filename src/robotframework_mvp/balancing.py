@@ -136,6 +136,7 @@ class LoadBalancer:
         min_share: float = 0.0,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        circuit_state: Callable[[str], str | None] | None = None,
     ) -> None:
         self.local_modules = local_modules
         self.stats = stats
@@ -147,6 +148,9 @@ class LoadBalancer:
         self.min_share = min_share
         self.rng = rng
         self.clock = clock
+        #: a module's live circuit state (the per-module breakers, shared through Redis),
+        #: which wins over ModuleStats.circuit_state and the stored records when not None
+        self.circuit_state = circuit_state
         self._remote: dict[str, ModuleRecord] = {}
         self._remote_loaded_at = float("-inf")
         self._candidates: dict[str, tuple[float, list[Candidate]]] = {}
@@ -164,6 +168,14 @@ class LoadBalancer:
         }
         self._remote_loaded_at = self.clock()
         self._candidates.clear()
+
+    def invalidate(self) -> None:
+        """Drop the scored candidates now (a circuit changed): the next robot rescores."""
+        self._candidates.clear()
+
+    def remote_names(self) -> set[str]:
+        """Modules of other processes that are candidates (fresh records)."""
+        return set(self._remote)
 
     @property
     def remote_stale(self) -> bool:
@@ -191,24 +203,28 @@ class LoadBalancer:
                 continue
             st = self.stats[module.name]
             p95 = st.latency_p95_ms
+            circuit = (self.circuit_state and self.circuit_state(module.name)) \
+                or st.circuit_state
             found.append(Candidate(
                 name=module.name,
                 score=score_module(
-                    health=st.health, circuit_state=st.circuit_state,
+                    health=st.health, circuit_state=circuit,
                     success_rate=st.success_rate, latency_ewma_ms=st.latency_ewma_ms,
                     load=st.load, capacity=module.capacity, latency_p95_ms=p95,
                 ),
                 load=st.load, capacity=module.capacity, health=st.health,
-                circuit_state=st.circuit_state, success_rate=st.success_rate,
+                circuit_state=circuit, success_rate=st.success_rate,
                 latency_ewma_ms=st.latency_ewma_ms, latency_p95_ms=p95,
             ))
         for record in self._remote.values():
             if kind not in record.kinds:
                 continue
+            circuit = (self.circuit_state and self.circuit_state(record.name)) \
+                or record.circuit_state
             found.append(Candidate(
-                name=record.name, score=record.score, load=record.load,
-                capacity=record.capacity, health=record.health,
-                circuit_state=record.circuit_state, success_rate=record.success_rate,
+                name=record.name, score=0.0 if circuit == "open" else record.score,
+                load=record.load, capacity=record.capacity, health=record.health,
+                circuit_state=circuit, success_rate=record.success_rate,
                 latency_ewma_ms=record.latency_ewma_ms,
             ))
         self._candidates[kind] = (now, found)
@@ -238,6 +254,21 @@ class LoadBalancer:
             chosen = self.select_hook(kind, available)
             names = {c.name for c in available}
             return chosen if chosen in names else self.choose(available)
+
+    def alternative(self, kind: str, exclude: set[str]) -> str | None:
+        """Another module for ``kind``, outside ``exclude``, that can take work now
+        (circuit not open, not unhealthy), chosen as ``select`` would; None if none."""
+        available = [
+            c for c in self.candidates(kind)
+            if c.name not in exclude and c.circuit_state != "open" and c.health != "unhealthy"
+        ]
+        if not available:
+            return None
+        if len(available) == 1:
+            return available[0].name
+        chosen = self.select_hook(kind, available)
+        names = {c.name for c in available}
+        return chosen if chosen in names else self.choose(available)
 
     def choose(self, available: Sequence[Candidate]) -> str:
         """The built-in strategy: weighted by score, every weight floored at ``min_share``."""

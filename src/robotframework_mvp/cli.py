@@ -50,7 +50,8 @@ def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
 
 def _robot_row(r: Robot) -> list[Any]:
     return [r.id, r.kind, r.status, f"{r.progress:.0f}%", f"{r.attempts}/{r.max_attempts}",
-            r.module, r.created_at.strftime("%Y-%m-%d %H:%M:%S")]
+            r.module, r.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            "" if r.error is None else r.error.type]
 
 
 def _audit(orch: Orchestrator, action: str, target: str | None, outcome: str) -> None:
@@ -105,7 +106,8 @@ async def _robots(args: argparse.Namespace) -> int:
                                                   kind=args.kind, limit=args.limit)
             _audit(orch, "robots.list", None, "ok")
             print(_table([_robot_row(r) for r in robots],
-                         ["id", "kind", "status", "progress", "attempts", "module", "created"]))
+                         ["id", "kind", "status", "progress", "attempts", "module", "created",
+                          "error"]))
             return 0
         robot = await orch.state.get_robot(args.id, fresh=True)
         if robot is None:

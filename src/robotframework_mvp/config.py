@@ -135,6 +135,12 @@ def _parse_choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _parse_optional_seconds(text: str) -> float | None:
+    if text.strip().lower() in ("", "none", "off"):
+        return None
+    return _parse_positive_float(text)
+
+
 def _parse_optional_str(text: str) -> str | None:
     return text.strip() or None
 
@@ -199,6 +205,16 @@ class StorageConfig:
                                     "true or false",
                                     "Apply pending schema migrations when the orchestrator "
                                     "starts (otherwise run `rfmvp migrate`)."))
+    breaker_open_seconds: float = attrs.field(
+        default=2.0, metadata=_var("RFMVP_STORAGE_BREAKER_OPEN_SECONDS", _parse_positive_float,
+                                   _POS_FLOAT, "Once PostgreSQL cannot be reached, how long "
+                                   "store calls fail at once with 503 before one call tries "
+                                   "it again (see docs/resilience.md)."))
+    replica_retry_seconds: float = attrs.field(
+        default=30.0, metadata=_var("RFMVP_STORAGE_REPLICA_RETRY_SECONDS",
+                                    _parse_positive_float, _POS_FLOAT,
+                                    "How long reads stay on the write pool after the read "
+                                    "replica failed, before one read tries it again."))
 
 
 @attrs.frozen
@@ -338,6 +354,43 @@ class ResilienceConfig:
     default_timeout: float = attrs.field(
         default=300.0, metadata=_var("RFMVP_DEFAULT_TIMEOUT", _parse_positive_float, _POS_FLOAT,
                                      "Timeout of a module that does not set one."))
+    retry_other_module_after: int = attrs.field(
+        default=2, metadata=_var("RFMVP_RETRY_OTHER_MODULE_AFTER", _parse_positive_int,
+                                 _POS_INT, "Failed attempts in a row of one robot on one "
+                                 "module after which its retry goes to another module of its "
+                                 "kind, when one is available (at once when the module's "
+                                 "circuit is open)."))
+    no_module_deadline: float = attrs.field(
+        default=300.0, metadata=_var("RFMVP_NO_MODULE_DEADLINE_SECONDS", _parse_positive_float,
+                                     _POS_FLOAT, "Longest a due robot waits queued while its "
+                                     "module is unavailable (circuit open, unhealthy, or no "
+                                     "live process) and no other module of its kind is; then "
+                                     "it fails with no_module_available."))
+    breaker_failure_rate: float = attrs.field(
+        default=0.5, metadata=_var("RFMVP_BREAKER_FAILURE_RATE", _parse_fraction,
+                                   "a number above 0 and at most 1",
+                                   "Share of failed attempts in a module's window at which "
+                                   "its circuit opens."))
+    breaker_window: int = attrs.field(
+        default=20, metadata=_var("RFMVP_BREAKER_WINDOW", _parse_positive_int, _POS_INT,
+                                  "Latest attempts of a module its circuit breaker judges."))
+    breaker_minimum_calls: int = attrs.field(
+        default=10, metadata=_var("RFMVP_BREAKER_MINIMUM_CALLS", _parse_positive_int, _POS_INT,
+                                  "Attempts a module's window needs before its circuit can "
+                                  "open (at most RFMVP_BREAKER_WINDOW)."))
+    breaker_open_seconds: float = attrs.field(
+        default=30.0, metadata=_var("RFMVP_BREAKER_OPEN_SECONDS", _parse_positive_float,
+                                    _POS_FLOAT, "How long a module's open circuit refuses "
+                                    "work before it lets trial robots through (half-open)."))
+    breaker_half_open_calls: int = attrs.field(
+        default=3, metadata=_var("RFMVP_BREAKER_HALF_OPEN_CALLS", _parse_positive_int, _POS_INT,
+                                 "Trial robots a half-open circuit runs at once; all must "
+                                 "succeed to close it, one failure reopens it."))
+    breaker_slow_call_seconds: float | None = attrs.field(
+        default=None, metadata=_var("RFMVP_BREAKER_SLOW_CALL_SECONDS", _parse_optional_seconds,
+                                    "a number of seconds above 0, or none",
+                                    "An attempt that succeeds but takes longer than this "
+                                    "counts as a failure for the module's circuit."))
 
 
 @attrs.frozen
@@ -374,6 +427,10 @@ class BackgroundConfig:
     health_interval: float = attrs.field(
         default=300.0, metadata=_var("RFMVP_HEALTH_INTERVAL", _parse_positive_float, _POS_FLOAT,
                                      "How often module health checks run."))
+    health_check_timeout: float = attrs.field(
+        default=10.0, metadata=_var("RFMVP_HEALTH_CHECK_TIMEOUT", _parse_positive_float,
+                                    _POS_FLOAT, "Longest one module health check may take; "
+                                    "a check that takes longer makes the module unhealthy."))
     scores_interval: float = attrs.field(
         default=900.0, metadata=_var("RFMVP_SCORES_INTERVAL", _parse_positive_float, _POS_FLOAT,
                                      "How often module scores are recomputed and stored."))
@@ -453,6 +510,19 @@ class Settings:
                 raise ConfigError(
                     f"{field.metadata['env']} has a bad value; expected {field.metadata['form']}"
                 )
+            if parse is _parse_optional_seconds and value is not None and not (
+                isinstance(value, int | float) and not isinstance(value, bool)
+                and 0 < value < float("inf")
+            ):
+                raise ConfigError(
+                    f"{field.metadata['env']} has a bad value; expected {field.metadata['form']}"
+                )
+        res = self.resilience
+        if res.breaker_minimum_calls > res.breaker_window:
+            raise ConfigError(
+                f"RFMVP_BREAKER_MINIMUM_CALLS ({res.breaker_minimum_calls}) must not exceed "
+                f"RFMVP_BREAKER_WINDOW ({res.breaker_window}): the circuit could never open"
+            )
 
     @classmethod
     def from_env(

@@ -7,6 +7,7 @@ message ever carries a secret (messages are written here, from values we choose 
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "RateLimitedError",
     "RobotFrameworkError",
     "ServiceUnavailableError",
+    "StoreUnavailableError",
     "ValidationError",
 ]
 
@@ -118,6 +120,17 @@ class RateLimitedError(RobotFrameworkError):
 class ServiceUnavailableError(RobotFrameworkError):
     status = 503
     type = "service_unavailable"
+
+
+class StoreUnavailableError(ServiceUnavailableError):
+    """The store cannot be reached right now: nothing was written; retry after a moment."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message, retry_after=round(retry_after, 3))
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
 
 
 class PermanentError(RobotFrameworkError):

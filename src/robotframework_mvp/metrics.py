@@ -8,6 +8,7 @@ budget can be read straight from ``rfmvp_step_duration_seconds``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -20,12 +21,16 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .errors import ServiceUnavailableError
 from .models import utcnow
+from .resilience import CircuitState
 
 if TYPE_CHECKING:
     from .orchestrator import Orchestrator
 
 __all__ = ["CONTENT_TYPE", "render_metrics"]
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -99,6 +104,7 @@ class _Collector:
                 for statistic, ms in (("ewma", c.latency_ewma_ms), ("p95", c.latency_p95_ms)):
                     if ms is not None:
                         latency.add_metric([c.name, statistic], ms / 1000)
+        orch.circuits.sync()
         for name, st in sorted(orch.module_stats.items()):
             load.add_metric([name], st.load)
             health.add_metric([name], 1.0 if st.health == "healthy" else 0.0)
@@ -110,6 +116,7 @@ class _Collector:
         yield health
         yield success
         yield latency
+        yield from _resilience(orch)
 
         background = orch.background
         alerts = GaugeMetricFamily("rfmvp_alerts_active", "1 for each anomaly alert active now",
@@ -181,16 +188,84 @@ class _Collector:
             yield usage
 
 
+def _resilience(orch: Orchestrator) -> Iterator[Metric]:
+    """Circuit breakers (modules, store, cache), retries, moves and fail-fast refusals."""
+    states = GaugeMetricFamily("rfmvp_circuit_state",
+                               "1 for the current state of each circuit breaker (module:<name>, "
+                               "store:write, store:read, cache:<backend>)",
+                               labels=["name", "state"])
+    transitions = CounterMetricFamily("rfmvp_circuit_transitions",
+                                      "Times each circuit breaker entered a state",
+                                      labels=["name", "state"])
+    circuits = orch.circuits
+    seen: set[str] = set()
+    for breaker in orch.breakers():
+        module = breaker.name.removeprefix("module:")
+        current = (circuits.state(module) if breaker.name.startswith("module:")
+                   else None) or breaker.state.value
+        seen.add(breaker.name)
+        for state in ("closed", "open", "half_open"):
+            states.add_metric([breaker.name, state], 1.0 if current == state else 0.0)
+            transitions.add_metric([breaker.name, state],
+                                   breaker.transitions.get(CircuitState(state), 0))
+    for module in sorted(circuits.shared):  # held open by another process
+        name = f"module:{module}"
+        if name not in seen and circuits.state(module) == "open":
+            for state in ("closed", "open", "half_open"):
+                states.add_metric([name, state], 1.0 if state == "open" else 0.0)
+    yield states
+    yield transitions
+    retries = CounterMetricFamily("rfmvp_robot_retries",
+                                  "Attempts that ended in a retry (failed with attempts left, "
+                                  "or lost with their worker), by the module they ran on",
+                                  labels=["module"])
+    for module, n in sorted(circuits.retries.items()):
+        retries.add_metric([module], n)
+    yield retries
+    moved = CounterMetricFamily("rfmvp_robot_reassigned",
+                                "Robots moved off a module: their retry went elsewhere "
+                                "(retry), or their module was unavailable (unavailable)",
+                                labels=["module", "reason"])
+    for (module, reason), n in sorted(circuits.reassigned.items()):
+        moved.add_metric([module, reason], n)
+    yield moved
+    stranded = CounterMetricFamily("rfmvp_robot_no_module_failures",
+                                   "Robots failed with no_module_available",
+                                   labels=["module"])
+    for module, n in sorted(circuits.unavailable_failures.items()):
+        stranded.add_metric([module], n)
+    yield stranded
+    yield CounterMetricFamily("rfmvp_store_read_fallbacks",
+                              "Reads served by the write pool because the read pool failed "
+                              "or its breaker was open",
+                              value=getattr(orch.driver, "read_fallbacks", 0))
+    availability = getattr(orch.driver, "availability", None)
+    yield CounterMetricFamily("rfmvp_store_refusals",
+                              "Store calls refused at once (503) while the store was "
+                              "unreachable", value=0 if availability is None
+                              else availability.refused)
+
+
 async def render_metrics(orch: Orchestrator) -> str:
-    """The Prometheus text exposition (store figures read once per scrape)."""
-    cached = await orch.cache.get_json("stats", "robots")
-    if cached is None:
-        robots = await orch.driver.count_robots()
-        await orch.cache.set_json("stats", "robots", [[k, s, n] for (k, s), n in robots.items()],
-                                  orch.settings.cache.ttl_stats)
-    else:
-        robots = {(k, s): n for k, s, n in cached}
-    queue = await orch.driver.queue_stats(utcnow())
+    """The Prometheus text exposition (store figures read once per scrape).
+
+    While the store cannot be reached its figures are left out (robot counts empty, the
+    queue 0), so the breakers and errors that tell what is wrong can still be scraped.
+    """
+    robots: dict[tuple[str, str], int] = {}
+    queue: tuple[int, float | None] = (0, None)
+    try:
+        cached = await orch.cache.get_json("stats", "robots")
+        if cached is None:
+            robots = await orch.driver.count_robots()
+            await orch.cache.set_json("stats", "robots",
+                                      [[k, s, n] for (k, s), n in robots.items()],
+                                      orch.settings.cache.ttl_stats)
+        else:
+            robots = {(k, s): n for k, s, n in cached}
+        queue = await orch.driver.queue_stats(utcnow())
+    except ServiceUnavailableError as exc:
+        log.warning("metrics without the store's figures: %s", exc.message)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector(orch, robots, queue))
     return generate_latest(registry).decode()

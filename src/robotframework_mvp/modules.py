@@ -71,6 +71,9 @@ class Module:
     description: str = ""
     #: JSON Schema every payload of this module's kinds must meet (checked at submission)
     payload_schema: Mapping[str, Any] | None = attrs.field(default=None, repr=False)
+    #: this module's retry backoff (first delay, longest delay), instead of the settings'
+    retry_base_seconds: float | None = None
+    retry_cap_seconds: float | None = None
 
     @property
     def is_async(self) -> bool:
@@ -122,13 +125,17 @@ def module(
     max_attempts: int | None = None,
     health_check: HealthFunc | None = None,
     payload_schema: Mapping[str, Any] | None = None,
+    retry_base_seconds: float | None = None,
+    retry_cap_seconds: float | None = None,
 ) -> Callable[[ProcessFunc], Module]:
     """Turn ``async def`` or ``def`` ``(robot, ctx) -> dict`` into a Module.
 
     ``kinds`` defaults to ``[name]``; ``capacity`` bounds robots running at once on this
     module per process; ``timeout`` (seconds) ends an attempt as ``timed_out``;
     ``max_attempts`` overrides the default retry budget; ``payload_schema`` is a JSON
-    Schema that every submitted payload must meet (else 422 naming the offending field).
+    Schema that every submitted payload must meet (else 422 naming the offending field);
+    ``retry_base_seconds`` / ``retry_cap_seconds`` replace ``RFMVP_RETRY_BASE_SECONDS`` /
+    ``RFMVP_RETRY_CAP_SECONDS`` for this module's retries.
     """
     kinds = tuple(kinds) if kinds is not None else (name,)
     if not name or not kinds or any(not k for k in kinds):
@@ -139,6 +146,11 @@ def module(
         raise ValidationError(f"module {name!r}: timeout must be above 0 seconds")
     if max_attempts is not None and max_attempts < 1:
         raise ValidationError(f"module {name!r}: max_attempts must be at least 1")
+    for label, seconds in (("retry_base_seconds", retry_base_seconds),
+                           ("retry_cap_seconds", retry_cap_seconds)):
+        if seconds is not None and not 0 <= seconds < float("inf"):
+            raise ValidationError(f"module {name!r}: {label} must be a finite number of "
+                                  "seconds of at least 0")
     if payload_schema is not None:
         from .security.schemas import check_schema
 
@@ -159,6 +171,8 @@ def module(
             health_func=health_check,
             description=doc.split("\n\n")[0],
             payload_schema=payload_schema,
+            retry_base_seconds=retry_base_seconds,
+            retry_cap_seconds=retry_cap_seconds,
         )
 
     return wrap

@@ -26,6 +26,7 @@ from anyio import AsyncContextManagerMixin
 from .balancing import LoadBalancer, ModuleStats
 from .cache.manager import CacheManager
 from .chains import followup_for, render_payload
+from .circuits import ModuleCircuits
 from .config import Settings
 from .errors import (
     ConfigError,
@@ -50,6 +51,7 @@ from .models import (
 from .modules import Module
 from .performance import PerformanceTracker
 from .plugins import build_plugin_manager, call_observers, collect_modules
+from .resilience import CircuitBreaker
 from .scheduling import ScheduleApi, SchedulePage, Scheduler
 from .security.audit import AuditLog
 from .security.validator import (
@@ -117,6 +119,8 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
         self.driver = driver
         self.cache = CacheManager(backend, settings.cache)
         self.state = StateManager(driver, self.cache, self.tracker)
+        self.circuits = ModuleCircuits(settings.resilience, self.modules, self.module_stats,
+                                       self.cache, refresh_seconds=settings.cache.ttl_module_choice)
         self.balancer = LoadBalancer(
             self.modules, self.module_stats, self.tracker,
             lambda kind, candidates: self.pm.hook.select_module(kind=kind, candidates=candidates),
@@ -125,7 +129,11 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
             stale_after=3 * min(settings.background.health_interval,
                                 settings.background.scores_interval) + 60,
             min_share=settings.performance.balancer_min_share,
+            circuit_state=self.circuits.state,
         )
+        self.circuits.balancer = self.balancer
+        self.circuits.state_manager = self.state
+        self.circuits.on_transition(self.balancer.invalidate)
         await driver.open()
         try:
             await backend.open()
@@ -140,8 +148,10 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                     settings=settings, state=self.state, modules=self.modules,
                     stats=self.module_stats, tracker=self.tracker,
                     on_progress=self._robot_progressed, on_finished=self._robot_finished,
-                    make_followup=self._followup_robot,
+                    make_followup=self._followup_robot, circuits=self.circuits,
                 )
+                # A circuit that closes (or turns half-open) has robots to claim at once.
+                self.circuits.on_transition(self.worker.wake)
                 self.scheduler = Scheduler(self)
                 # Collected before the task group, so a ConfigError fails startup as is
                 # (not wrapped in an ExceptionGroup); the tasks start after the worker.
@@ -305,6 +315,7 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                     path="$.connection")
             principal, sanitized = await self.security.validate_submission(
                 api_key, info, requests)
+            await self.circuits.refresh_shared()  # other processes' open circuits
             robots = [self._new_robot(item, principal) for item in sanitized]
             if connection is not None and in_transaction is not None:
                 # Not cached and no hook: the robot exists only if the caller commits.
@@ -530,6 +541,8 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                           target=None, client=info.client, request_id=info.request_id)
         if self.balancer.remote_stale:
             await self.refresh_modules()
+        await self.circuits.refresh_shared()
+        self.circuits.sync()
         rows: dict[str, dict[str, Any]] = {}
         for kind in sorted(self.balancer.known_kinds()):
             for c in self.balancer.candidates(kind):
@@ -543,7 +556,8 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
         return [rows[name] for name in sorted(rows)]
 
     async def health(self) -> dict[str, Any]:
-        """Each component's status and latency; ``status`` is ok, degraded or down."""
+        """Each component's status and latency, with the circuit breakers; ``status`` is
+        ok, degraded or down (down only when the store cannot be reached)."""
         components: dict[str, dict[str, Any]] = {}
         for name, ping in (("store", self.driver.ping), ("cache", self.cache.backend.ping)):
             started = time.perf_counter()
@@ -559,17 +573,19 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
             components[name] = {"status": status, "backend": (self.driver.name if name == "store"
                                                               else self.cache.backend.name),
                                 "latency_ms": round((time.perf_counter() - started) * 1000, 3)}
+        self._health_breakers(components)
         components["rate_limiter"] = self.security.limiter.health()
         components["worker"] = {
             "status": "ok", "enabled": self.settings.worker.enabled and bool(self.modules),
             "running": len(self.worker.running), "concurrency": self.worker.concurrency,
         }
+        background = getattr(self, "background", None)
         components["modules"] = {
             "status": "ok",
             "known": bool(self.balancer.known_kinds()),
             "health": {name: st.health for name, st in sorted(self.module_stats.items())},
+            "checks": dict(sorted(getattr(background, "health_checks", {}).items())),
         }
-        background = getattr(self, "background", None)
         if background is not None:
             # Informational: neither makes the instance degraded.
             components["leader"] = {"status": "ok", "leader": background.leader.is_leader,
@@ -582,6 +598,44 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
         if components["store"]["status"] == "down":
             overall = "down"
         return {"status": overall, "components": components}
+
+    def _health_breakers(self, components: dict[str, dict[str, Any]]) -> None:
+        """The store's and cache's breakers, and every module circuit, into ``health()``."""
+        store = components["store"]
+        availability = getattr(self.driver, "availability", None)
+        if availability is not None:
+            store["circuit"] = availability.snapshot()
+        read_breaker = getattr(self.driver, "read_breaker", None)
+        if read_breaker is not None and self.settings.storage.read_url:
+            read_state = read_breaker.state.value
+            store["read_pool"] = {
+                "state": read_state,
+                "reads_from": "read pool" if read_state == "closed" else "write pool",
+                "fallbacks": getattr(self.driver, "read_fallbacks", 0),
+            }
+            if read_state != "closed" and store["status"] == "ok":
+                store["status"] = "degraded"
+        breaker = self.cache.breaker
+        components["cache"]["circuit"] = {"state": breaker.state.value,
+                                          "retry_after": round(breaker.retry_after(), 3)}
+        self.circuits.sync()
+        circuits = self.circuits.snapshot()
+        opened = sorted(name for name, row in circuits.items() if row["state"] == "open")
+        components["circuits"] = {"status": "degraded" if opened else "ok", "open": opened,
+                                  "modules": circuits,
+                                  "shared": self.circuits.shared_backend}
+
+    def breakers(self) -> builtins.list[CircuitBreaker]:
+        """Every circuit breaker of this process: modules, store, cache (for /metrics)."""
+        found = list(self.circuits.breakers.values())
+        availability = getattr(self.driver, "availability", None)
+        if availability is not None:
+            found.append(availability.breaker)
+        read_breaker = getattr(self.driver, "read_breaker", None)
+        if read_breaker is not None and self.settings.storage.read_url:
+            found.append(read_breaker)
+        found.append(self.cache.breaker)
+        return found
 
     # -- helpers -----------------------------------------------------------------------
 

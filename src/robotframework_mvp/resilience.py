@@ -18,7 +18,7 @@ import enum
 import math
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -182,6 +182,8 @@ class CircuitBreaker:
         self._trial_successes = 0
         # Bumped on every transition (and force); lets ``call()`` spot stale outcomes.
         self._epoch = 0
+        #: how many times the breaker entered each state (for metrics)
+        self.transitions: Counter[CircuitState] = Counter()
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self.state.value}>"
@@ -227,6 +229,36 @@ class CircuitBreaker:
             self._trials_admitted += 1
             return True
         return False
+
+    def permits(self) -> int | None:
+        """How many calls ``allow()`` would admit now, without admitting any.
+
+        ``None`` while closed (no limit), 0 while open, and the trial calls left while
+        half-open. A caller that takes work in batches (a worker claiming robots) asks
+        this first, then calls ``allow()`` once per call it actually makes.
+        """
+        self._refresh()
+        if self._state is CircuitState.CLOSED:
+            return None
+        if self._state is CircuitState.OPEN:
+            return 0
+        return max(0, self.policy.half_open_max_calls - self._trials_admitted)
+
+    @property
+    def epoch(self) -> int:
+        """A number that changes at every transition: note it when ``allow()`` admits a
+        call, and record the call's outcome only if it has not changed since (a call
+        admitted before the latest transition says nothing about the new state)."""
+        self._refresh()
+        return self._epoch
+
+    def give_back(self, epoch: int) -> None:
+        """A call admitted at ``epoch`` ended without an outcome (cancelled, abandoned):
+        return its trial slot when the breaker is still in that half-open period."""
+        self._refresh()
+        if epoch == self._epoch and self._state is CircuitState.HALF_OPEN \
+                and self._trials_admitted > 0:
+            self._trials_admitted -= 1
 
     def record_success(self, duration: float | None = None) -> None:
         """Count a successful call; one slower than ``slow_call_seconds`` is a failure."""
@@ -315,8 +347,10 @@ class CircuitBreaker:
             self._opened_at = self._clock()
         elif new is CircuitState.CLOSED:
             self._opened_at = None
-        if old is not new and self._on_change is not None:
-            self._on_change(self.name, old, new)
+        if old is not new:
+            self.transitions[new] += 1
+            if self._on_change is not None:
+                self._on_change(self.name, old, new)
 
 
 # --- backoff and retries ------------------------------------------------------------------

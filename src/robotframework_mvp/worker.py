@@ -15,8 +15,9 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import anyio
 import attrs
@@ -24,13 +25,16 @@ from anyio.abc import TaskGroup
 
 from .balancing import ModuleStats
 from .config import Settings
-from .errors import PermanentError
+from .errors import PermanentError, ServiceUnavailableError
 from .models import ErrorInfo, ExecutionStatus, Robot, RobotStatus, utcnow
 from .modules import Module, ModuleContext
 from .performance import PerformanceTracker
 from .resilience import backoff_delay
 from .state.driver import Claim, Completion
 from .state.manager import StateManager
+
+if TYPE_CHECKING:
+    from .circuits import ModuleCircuits
 
 __all__ = ["Worker"]
 
@@ -48,6 +52,11 @@ class _Running:
     scope: anyio.CancelScope
     lease_lost: bool = False
     cancelled: bool = False
+    #: the module breaker's ticket for this attempt (circuits.py), None when not counted
+    ticket: int | None = None
+    #: the module has returned and its completion is being written: a lease the heartbeat
+    #: finds gone now was most likely released by that very write
+    completing: bool = False
 
 
 def _error_info(exc: BaseException) -> ErrorInfo:
@@ -67,8 +76,10 @@ class Worker:
         on_progress: Callable[[Robot], Awaitable[None]],
         on_finished: Callable[[Robot], Awaitable[None]],
         make_followup: FollowupFactory | None = None,
+        circuits: ModuleCircuits | None = None,
     ) -> None:
         self.settings = settings
+        self.circuits = circuits
         self.state = state
         self.modules = modules
         self.stats = stats
@@ -118,17 +129,30 @@ class Worker:
     async def _dispatch_loop(self, robots_tg: TaskGroup) -> None:
         module_names = list(self.modules)
         start = 0
+        circuits = self.circuits
         while True:
             self._wake = anyio.Event()
             claimed = 0
+            if circuits is not None:
+                await circuits.refresh_shared()
+            # Modules that could take a robot now: the sleep below waits only for those.
+            ready: list[str] = []
             # Rotate the starting module so one busy module cannot starve the others.
             for i in range(len(module_names)):
-                free = self.concurrency - len(self.running)
-                if free <= 0:
-                    break
                 name = module_names[(start + i) % len(module_names)]
                 module_free = self.modules[name].capacity - self.stats[name].load
                 if module_free <= 0:
+                    continue
+                if circuits is not None:
+                    # Open circuit: its robots wait queued; half-open: a few trials only.
+                    permits = circuits.permits(name)
+                    if permits is not None:
+                        if permits <= 0:
+                            continue
+                        module_free = min(module_free, permits)
+                ready.append(name)
+                free = self.concurrency - len(self.running)
+                if free <= 0:
                     continue
                 try:
                     claims = await self.state.claim(
@@ -143,13 +167,14 @@ class Worker:
             start += 1
             if claimed and len(self.running) < self.concurrency:
                 continue  # there may be more due work: look again at once
-            await self._sleep()
+            await self._sleep(ready)
 
-    async def _sleep(self) -> None:
+    async def _sleep(self, ready: Sequence[str] | None = None) -> None:
         timeout = self.settings.worker.poll_interval
-        if len(self.running) < self.concurrency and self.modules:
+        modules = list(self.modules) if ready is None else list(ready)
+        if len(self.running) < self.concurrency and modules:
             try:
-                due = await self.state.next_due_at(list(self.modules))
+                due = await self.state.next_due_at(modules)
             except Exception:
                 log.exception("looking up the next due robot failed")
                 due = None
@@ -163,7 +188,8 @@ class Worker:
         # Shielded: stopping the worker must not cancel robots at once; _drain gives them
         # the grace period, then cancels this scope and hands them back uncharged.
         scope = anyio.CancelScope(shield=True)
-        self.running[claim.robot.id] = _Running(claim=claim, scope=scope)
+        ticket = None if self.circuits is None else self.circuits.admit(claim.execution.module)
+        self.running[claim.robot.id] = _Running(claim=claim, scope=scope, ticket=ticket)
         self.stats[claim.execution.module].load += 1
         self.claimed += 1
         tg.start_soon(self._execute, claim, scope)
@@ -178,7 +204,12 @@ class Worker:
         timeout = module.timeout or self.settings.resilience.default_timeout
 
         async def report(percent: float, message: str | None) -> None:
-            updated = await self.state.update_progress(robot.id, token, percent, message)
+            try:
+                updated = await self.state.update_progress(robot.id, token, percent, message)
+            except ServiceUnavailableError as exc:
+                # Progress is best effort: the robot goes on, the next report may land.
+                log.warning("robot %s: progress not stored (%s)", robot.id, exc.message)
+                return
             if updated is None:
                 log.warning("robot %s: lease lost while reporting progress; stopping it",
                             robot.id)
@@ -212,17 +243,31 @@ class Worker:
                     error = _error_info(exc)
                     permanent = isinstance(exc, PermanentError)
             duration_ms = (time.perf_counter() - started) * 1000
+            circuits = self.circuits
             if scope.cancelled_caught or running.lease_lost or running.cancelled:
                 # Cancelled by request or lease lost: the store already says what happened.
+                if circuits is not None:
+                    circuits.abandon(module.name, running.ticket)
                 return
             ok = error is None and not timed_out
             self.stats[module.name].record(ok, duration_ms)
+            running.completing = True
             with anyio.CancelScope(shield=True):
+                if circuits is not None:
+                    if permanent:  # the robot's input, not the module, is at fault
+                        circuits.abandon(module.name, running.ticket)
+                    else:
+                        await circuits.record(module.name, running.ticket, ok=ok,
+                                              seconds=duration_ms / 1000)
                 await self._complete(robot, token, module, result, error, timed_out,
                                      duration_ms, retryable=not permanent)
         finally:
-            self.stats[module.name].load -= 1
+            stats = self.stats[module.name]
+            was_full = stats.load >= module.capacity or len(self.running) >= self.concurrency
+            stats.load -= 1
             self.running.pop(robot.id, None)
+            if was_full:
+                self._wake.set()  # a slot opened where there was none: claim again
             if not self.running:
                 self._idle.set()
 
@@ -232,6 +277,7 @@ class Worker:
     ) -> None:
         now = utcnow()
         scheduled_at = None
+        move_to = None
         if timed_out:
             status, exec_status = RobotStatus.TIMED_OUT, ExecutionStatus.TIMED_OUT
         elif error is None:
@@ -239,8 +285,14 @@ class Worker:
         elif robot.attempts < robot.max_attempts and retryable:
             status, exec_status = RobotStatus.QUEUED, ExecutionStatus.FAILED
             res = self.settings.resilience
-            delay = backoff_delay(robot.attempts, res.retry_base_seconds, res.retry_cap_seconds)
+            base = res.retry_base_seconds if module.retry_base_seconds is None \
+                else module.retry_base_seconds
+            cap = res.retry_cap_seconds if module.retry_cap_seconds is None \
+                else module.retry_cap_seconds
+            delay = backoff_delay(robot.attempts, base, cap)
             scheduled_at = now + timedelta(seconds=delay)
+            if self.circuits is not None:
+                move_to = await self.circuits.retry_module(robot, module.name, token)
         else:
             status, exec_status = RobotStatus.FAILED, ExecutionStatus.FAILED
         followup = None
@@ -255,19 +307,50 @@ class Worker:
             robot_id=robot.id, lease_token=token, status=status,
             execution_status=str(exec_status), finished_at=now, duration_ms=duration_ms,
             result=result if status is RobotStatus.SUCCEEDED else None, error=error,
-            scheduled_at=scheduled_at, followup=followup,
+            scheduled_at=scheduled_at, module=move_to, followup=followup,
         )
-        stored = await self.state.complete(completion)
+        stored = await self._store_completion(completion)
         if stored is None:
             log.warning("robot %s: lease lost before completion; result dropped", robot.id)
             return
         self.completed += 1
+        if self.circuits is not None and scheduled_at is not None and not stored.is_terminal:
+            self.circuits.retries[module.name] += 1
+            if move_to is not None:
+                self.circuits.reassigned[(module.name, "retry")] += 1
+                log.info("robot %s: retry moved from module %r to %r", robot.id, module.name,
+                         move_to)
         if followup is not None:
             self.wake()  # the follow-up was queued with the completion
         if stored.is_terminal:
             await self.on_finished(stored)
         elif scheduled_at is not None:
             self.wake()
+
+    async def _store_completion(self, completion: Completion) -> Robot | None:
+        """Write how the attempt ended, trying again while the store is unavailable.
+
+        Giving up early would let the lease expire and the robot run again (a second
+        success, for a module that succeeded). The lease is renewed meanwhile; once it is
+        gone the write finds it gone and returns None, so trying longer is safe. After
+        ``RFMVP_LEASE_SECONDS`` of failures the attempt is left to the lease reaper.
+        """
+        deadline = time.monotonic() + self.settings.worker.lease_seconds
+        delay = 0.05
+        while True:
+            try:
+                return await self.state.complete(completion)
+            except Exception as exc:
+                reason = exc.message if isinstance(exc, ServiceUnavailableError) \
+                    else f"{type(exc).__name__}: {exc}"
+                if time.monotonic() + delay >= deadline:
+                    log.error("robot %s: could not store its completion (%s); the lease "
+                              "reaper will requeue it", completion.robot_id, reason)
+                    return None
+                log.warning("robot %s: storing its completion failed (%s); trying again",
+                            completion.robot_id, reason)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     # -- leases ------------------------------------------------------------------------
 
@@ -285,7 +368,8 @@ class Worker:
                 continue
             for robot_id, _ in leases:
                 running = self.running.get(robot_id)
-                if robot_id not in held and running is not None and not running.cancelled:
+                if robot_id not in held and running is not None and not running.cancelled \
+                        and not running.completing:
                     log.warning("robot %s: lease lost (cancelled, or taken over after this "
                                 "worker stalled); stopping it and dropping its result", robot_id)
                     running.lease_lost = True

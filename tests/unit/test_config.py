@@ -44,6 +44,8 @@ VALID: dict[str, tuple[str, Any]] = {
     "RFMVP_STORAGE_READ_POOL_MAX_SIZE": ("15", 15),
     "RFMVP_STORAGE_TIMEOUT": ("2.5", 2.5),
     "RFMVP_STORAGE_MIGRATE_ON_STARTUP": ("false", False),
+    "RFMVP_STORAGE_BREAKER_OPEN_SECONDS": ("0.5", 0.5),
+    "RFMVP_STORAGE_REPLICA_RETRY_SECONDS": ("10", 10.0),
     "RFMVP_CACHE_URL": ("redis://cache:6379/1", "redis://cache:6379/1"),
     "RFMVP_CACHE_MAX_ENTRIES": ("500", 500),
     "RFMVP_CACHE_KEY_PREFIX": ("app1:", "app1:"),
@@ -74,6 +76,14 @@ VALID: dict[str, tuple[str, Any]] = {
     "RFMVP_RETRY_CAP_SECONDS": ("120", 120.0),
     "RFMVP_DEFAULT_MAX_ATTEMPTS": ("5", 5),
     "RFMVP_DEFAULT_TIMEOUT": ("90", 90.0),
+    "RFMVP_RETRY_OTHER_MODULE_AFTER": ("3", 3),
+    "RFMVP_NO_MODULE_DEADLINE_SECONDS": ("60", 60.0),
+    "RFMVP_BREAKER_FAILURE_RATE": ("0.25", 0.25),
+    "RFMVP_BREAKER_WINDOW": ("40", 40),
+    "RFMVP_BREAKER_MINIMUM_CALLS": ("5", 5),
+    "RFMVP_BREAKER_OPEN_SECONDS": ("12.5", 12.5),
+    "RFMVP_BREAKER_HALF_OPEN_CALLS": ("2", 2),
+    "RFMVP_BREAKER_SLOW_CALL_SECONDS": ("4.5", 4.5),
     "RFMVP_PERF_WINDOW_SIZE": ("1000", 1000),
     "RFMVP_BALANCER_MIN_SHARE": ("0.1", 0.1),
     "RFMVP_ALERT_LATENCY_FACTOR": ("4", 4.0),
@@ -85,6 +95,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "RFMVP_LEADER_INTERVAL": ("2", 2.0),
     "RFMVP_DASHBOARD_PUBLIC": ("yes", True),
     "RFMVP_HEALTH_INTERVAL": ("60", 60.0),
+    "RFMVP_HEALTH_CHECK_TIMEOUT": ("2.5", 2.5),
     "RFMVP_SCORES_INTERVAL": ("120", 120.0),
     "RFMVP_CLEANUP_INTERVAL": ("3600", 3600.0),
     "RFMVP_REAPER_INTERVAL": ("2", 2.0),
@@ -116,8 +127,11 @@ for _name in _INTS:
     INVALID[_name] = ["0", "-1", "ten", "1.5", ""]
 for _name in _FLOATS:
     INVALID[_name] = ["0", "-2.5", "soon", "nan", "inf", ""]
-for _name in ("RFMVP_BALANCER_MIN_SHARE", "RFMVP_ALERT_ERROR_RATE"):
+for _name in ("RFMVP_BALANCER_MIN_SHARE", "RFMVP_ALERT_ERROR_RATE",
+              "RFMVP_BREAKER_FAILURE_RATE"):
     INVALID[_name].append("1.5")  # a fraction
+# An optional number of seconds: "" and "none" turn it off, so they are valid.
+INVALID["RFMVP_BREAKER_SLOW_CALL_SECONDS"] = ["0", "-2.5", "soon", "nan", "inf"]
 
 
 def _form(variable: str) -> str:
@@ -231,6 +245,28 @@ def test_a_bad_value_in_the_dot_env_file_is_reported_the_same_way(tmp_path: Path
 def test_settings_built_with_keywords_get_the_same_checks() -> None:
     with pytest.raises(ConfigError, match="RFMVP_WORKER_CONCURRENCY"):
         Settings(worker=WorkerConfig(concurrency=0))
+
+
+@pytest.mark.parametrize("text", ["", "none", "OFF"])
+def test_the_slow_call_limit_can_be_turned_off(text: str) -> None:
+    assert _from({"RFMVP_BREAKER_SLOW_CALL_SECONDS": text}).resilience \
+        .breaker_slow_call_seconds is None
+
+
+def test_a_breaker_that_could_never_open_is_refused_naming_both_variables() -> None:
+    with pytest.raises(ConfigError) as caught:
+        _from({"RFMVP_BREAKER_WINDOW": "5", "RFMVP_BREAKER_MINIMUM_CALLS": "6"})
+    assert "RFMVP_BREAKER_MINIMUM_CALLS" in str(caught.value)
+    assert "RFMVP_BREAKER_WINDOW" in str(caught.value)
+
+
+def test_keyword_built_breaker_settings_get_the_same_checks() -> None:
+    from robotframework_mvp.config import ResilienceConfig
+
+    with pytest.raises(ConfigError, match="RFMVP_BREAKER_SLOW_CALL_SECONDS"):
+        Settings(resilience=ResilienceConfig(breaker_slow_call_seconds=-1.0))
+    with pytest.raises(ConfigError, match="RFMVP_BREAKER_FAILURE_RATE"):
+        Settings(resilience=ResilienceConfig(breaker_failure_rate=0.0))
 
 
 def test_a_misspelt_variable_is_reported_not_silently_ignored(

@@ -657,6 +657,27 @@ class BreakerMachine(RuleBasedStateMachine):
         if allowed and self.breaker.state == HALF_OPEN:
             self.trials_admitted += 1
 
+    @rule()
+    def permits(self) -> None:
+        permits = self.breaker.permits()
+        self.model.tick(self.clock.now)
+        if self.model.state == CLOSED:
+            assert permits is None
+        elif self.model.state == OPEN:
+            assert permits == 0
+        else:
+            assert permits == self.model.policy.half_open_max_calls - self.model.admitted
+
+    @rule(stale=st.booleans())
+    def give_back(self, stale: bool) -> None:
+        """A call admitted now (or before the latest transition) ends without an outcome."""
+        epoch = self.breaker.epoch
+        self.model.tick(self.clock.now)
+        self.breaker.give_back(epoch - 1 if stale else epoch)
+        if not stale and self.model.state == HALF_OPEN and self.model.admitted > 0:
+            self.model.admitted -= 1
+            self.trials_admitted -= 1
+
     @rule(state=st.sampled_from(CircuitState))
     def force(self, state: CircuitState) -> None:
         self.breaker.force(state)

@@ -199,6 +199,16 @@ class StorageDriver(Protocol):
     async def purge(self, finished_before: datetime) -> int:
         """Delete finished robots and their executions older than this."""
 
+    async def reassign_queued_robots(self, module: str, kind: str, to_module: str,
+                                     now: datetime, limit: int) -> int:
+        """Move up to ``limit`` queued robots of ``kind`` from ``module`` to ``to_module``
+        (its circuit is open, it is unhealthy or gone); return how many moved."""
+
+    async def fail_queued_robots(self, module: str, kind: str, due_before: datetime,
+                                 error: ErrorInfo, now: datetime, limit: int) -> list[Robot]:
+        """Fail up to ``limit`` queued robots of ``kind`` on ``module`` that were due at
+        ``due_before`` or earlier, with ``error``; return them as stored."""
+
     async def recent_outcomes(self, since_id: str, limit: int) -> list[tuple[str, str, float]]:
         """``(module, status, duration_ms)`` of finished attempts whose execution id is at
         least ``since_id`` (ids are time-ordered), newest first, at most ``limit``: the

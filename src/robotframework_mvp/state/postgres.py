@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
@@ -54,7 +53,8 @@ from ..models import (
     Schedule,
     audit_hash,
 )
-from ..resilience import infrastructure_retrying
+from ..resilience import BreakerPolicy, CircuitBreaker, CircuitState, infrastructure_retrying
+from .availability import PROBE_TIMEOUT, StoreAvailability
 from .driver import Claim, Completion, ScheduleFire, followup_from_json, followups_json
 from .queries import load_migrations, load_queries
 
@@ -72,8 +72,6 @@ _MIGRATION_LOCK = 0x5246_4D01
 _AUDIT_LOCK = 0x5246_4D02
 #: longest a read waits for a replica connection before using the primary instead
 _REPLICA_WAIT = 1.0
-#: how long reads stay on the primary after the replica failed, before trying it again
-_REPLICA_COOLDOWN = 30.0
 #: a LISTEN connection checks itself this often (a silent network drop shows up then)
 _LISTEN_KEEPALIVE = 30.0
 _LISTEN_BACKOFF = (0.1, 10.0)
@@ -84,6 +82,8 @@ _TRANSIENT_ERRORS = (
     psycopg.errors.CrashShutdown,
     psycopg.errors.CannotConnectNow,
 )
+#: the pool use of a call no breaker watches (the read pool)
+_NOT_WATCHED: contextlib.nullcontext[None] = contextlib.nullcontext()
 _LEASE_EXPIRED = ErrorInfo(
     "lease_expired", "the worker running this robot stopped renewing its lease (it died or froze)"
 )
@@ -341,8 +341,17 @@ class PostgresDriver:
         self.channel: str | None = None
         self._pool: Pool | None = None
         self._read_pool: Pool | None = None
-        self._replica_retry_at = 0.0
-        self._replica_ok = True
+        #: the write side: fail fast with 503 while PostgreSQL cannot be reached
+        self.availability = StoreAvailability(
+            "store:write", self.safe_url, self._probe,
+            open_seconds=config.breaker_open_seconds, on_recover=self._renew_write_pool)
+        #: the read replica: open means reads go to the write pool
+        self._replica_reason = "unknown"
+        self.read_breaker = CircuitBreaker(
+            "store:read",
+            BreakerPolicy(failure_rate_threshold=1.0, window_size=1, minimum_calls=1,
+                          open_seconds=config.replica_retry_seconds, half_open_max_calls=1),
+            on_change=self._replica_changed)
 
     # -- connections -------------------------------------------------------------------
 
@@ -415,6 +424,35 @@ class PostgresDriver:
         if self.config.read_url:
             await self._open_read_pool(self.config.read_url)
 
+    async def _probe(self) -> None:
+        """One fresh, direct connection and ``SELECT 1``: is the server reachable now?"""
+        kwargs = self._connect_kwargs()
+        kwargs["connect_timeout"] = max(2, int(PROBE_TIMEOUT))
+        conn = await psycopg.AsyncConnection.connect(self.url, **kwargs)
+        try:
+            await conn.execute("SELECT 1")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await conn.close()
+
+    async def _renew_write_pool(self) -> None:
+        """After an outage: a fresh write pool (the old one may be deep in its reconnection
+        backoff, with no connection for seconds after the server is back)."""
+        old = self._pool
+        if old is None:
+            return
+        pool = self._new_pool(self.url, min_size=self.config.pool_min_size,
+                              max_size=self.config.pool_max_size, name="rfmvp-write")
+        await pool.open(wait=False)
+        self._pool = pool
+        log.warning("PostgreSQL at %s is reachable again: opened a fresh write pool",
+                    self.safe_url)
+
+        # Nobody waits on the old pool: the calls that did were cancelled when the breaker
+        # opened. A call that still holds one of its connections gets it closed on return.
+        with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+            await old.close(timeout=1.0)
+
     async def _open_read_pool(self, url: str) -> None:
         def new() -> Pool:
             return self._new_pool(url, min_size=self.config.pool_min_size,
@@ -445,22 +483,53 @@ class PostgresDriver:
         attempts: int = 3,
         timeout: float | None = None,
     ) -> T:
-        """``fn`` on a pooled connection, retried on transient errors (see module doc)."""
+        """``fn`` on a pooled connection, retried on transient errors (see module doc).
+
+        On the write pool, ``availability`` makes a call fail fast with
+        ``StoreUnavailableError`` while PostgreSQL cannot be reached (state/availability.py).
+        """
+        if pool is not self._pool:
+            return await self._attempts(pool, fn, attempts, timeout, None)
+        guard = self.availability
+        epoch = await guard.enter()
+        try:
+            # The half-open trial may have renewed the pool.
+            result = await self._attempts(self._write_pool(), fn, attempts, timeout, guard)
+        except BaseException as exc:
+            guard.leave(epoch, exc)
+            raise
+        guard.leave(epoch, None)
+        return result
+
+    async def _attempts(
+        self, pool: Pool, fn: Callable[[Connection], Awaitable[T]], attempts: int,
+        timeout: float | None, guard: StoreAvailability | None,
+    ) -> T:
         async for attempt in infrastructure_retrying(is_transient, attempts=attempts):
             with attempt:
                 lost = False
-                try:
-                    async with pool.connection(timeout) as conn:
-                        try:
-                            return await fn(conn)
-                        except psycopg.Error:
-                            lost = conn.broken
-                            raise
-                finally:
-                    if lost:
-                        # The server may have dropped its other sessions too (restart,
-                        # failover, pg_terminate_backend): weed them out before retrying.
-                        await pool.check()
+                with _NOT_WATCHED if guard is None else guard.watch() as watched:
+                    try:
+                        async with pool.connection(timeout) as conn:
+                            try:
+                                return await fn(conn)
+                            except psycopg.Error:
+                                lost = conn.broken
+                                raise
+                    except PoolTimeout:
+                        if guard is not None:
+                            # Starved because the server is gone, or just busy?
+                            await guard.check_reachable()
+                        raise
+                    finally:
+                        if lost:
+                            if guard is not None:
+                                await guard.check_reachable()
+                            # The server may have dropped its other sessions too (restart,
+                            # failover, pg_terminate_backend): weed them out before retrying.
+                            await pool.check()
+                if guard is not None and watched is not None and watched.cancelled_caught:
+                    raise guard.unavailable()  # the breaker opened while we waited
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
     def pool_stats(self) -> dict[str, dict[str, int]]:
@@ -482,30 +551,45 @@ class PostgresDriver:
             raise self._unavailable(exc, " (the statement kept conflicting)") from exc
 
     async def _read(self, fn: Callable[[Connection], Awaitable[T]]) -> T:
-        """On the read pool when there is one and it works, else on the write pool."""
+        """On the read pool when there is one and its breaker lets it, else on the write
+        pool. One failure opens ``read_breaker`` for ``RFMVP_STORAGE_REPLICA_RETRY_SECONDS``;
+        then one read tries the replica again (half-open) and closes it on success."""
         pool = self._read_pool
         if pool is not None:
-            if time.monotonic() >= self._replica_retry_at:
+            breaker = self.read_breaker
+            if breaker.allow():
+                epoch = breaker.epoch
                 try:
                     result = await self._run(pool, fn, attempts=1,
                                              timeout=min(self.config.timeout, _REPLICA_WAIT))
                 except psycopg.OperationalError as exc:
-                    self._replica_down(self._scrub(str(exc).strip()))
+                    if epoch == breaker.epoch:
+                        self._replica_down(self._scrub(str(exc).strip()))
+                except Exception:
+                    if epoch == breaker.epoch:
+                        breaker.record_success()  # the replica answered, with an error
+                    raise
+                except BaseException:
+                    breaker.give_back(epoch)
+                    raise
                 else:
-                    if not self._replica_ok:
-                        self._replica_ok = True
-                        log.warning("read replica %s is back; reading from it again",
-                                    describe_url(self.config.read_url or ""))
+                    if epoch == breaker.epoch:
+                        breaker.record_success()
                     return result
             self.read_fallbacks += 1
         return await self._write(fn)
 
     def _replica_down(self, reason: str) -> None:
-        self._replica_retry_at = time.monotonic() + _REPLICA_COOLDOWN
-        if self._replica_ok:
-            self._replica_ok = False
-            log.warning("read replica %s is unavailable (%s); reading from the primary for now",
-                        describe_url(self.config.read_url or ""), reason)
+        self._replica_reason = reason
+        self.read_breaker.record_failure()
+
+    def _replica_changed(self, name: str, old: CircuitState, new: CircuitState) -> None:
+        replica = describe_url(self.config.read_url or "")
+        if new is CircuitState.OPEN and old is CircuitState.CLOSED:
+            log.warning("read replica %s is unavailable (%s); reading from the primary for "
+                        "now", replica, self._replica_reason)
+        elif new is CircuitState.CLOSED:
+            log.warning("read replica %s is back; reading from it again", replica)
 
     # -- schema ------------------------------------------------------------------------
 
@@ -964,6 +1048,22 @@ class PostgresDriver:
             lambda c: _fetchone(c, _Q["purge"], {"before": finished_before})
         )
         return 0 if row is None else int(row["n"])
+
+    # -- queued robots whose module is unavailable (queue_guard.py) ------------------------
+
+    async def reassign_queued_robots(self, module: str, kind: str, to_module: str,
+                                     now: datetime, limit: int) -> int:
+        params = {"module": module, "kind": kind, "to_module": to_module, "now": now,
+                  "limit": limit, "channel": self.channel}
+        row = await self._write(lambda c: _fetchone(c, _Q["reassign_queued_robots"], params))
+        return 0 if row is None else int(row["moved"])
+
+    async def fail_queued_robots(self, module: str, kind: str, due_before: datetime,
+                                 error: ErrorInfo, now: datetime, limit: int) -> list[Robot]:
+        params = {"module": module, "kind": kind, "due_before": due_before,
+                  "error": _error_jsonb(error), "now": now, "limit": limit}
+        rows = await self._write(lambda c: _fetchall(c, _Q["fail_queued_robots"], params))
+        return [robot_from_row(r) for r in rows]
 
     # -- wake-ups ----------------------------------------------------------------------
 

@@ -733,6 +733,23 @@ class SQLiteDriver:
 
         return await self._write(run)
 
+    # -- queued robots whose module is unavailable (queue_guard.py) ------------------------
+
+    async def reassign_queued_robots(self, module: str, kind: str, to_module: str,
+                                     now: datetime, limit: int) -> int:
+        params = {"module": module, "kind": kind, "to_module": to_module,
+                  "now": now.timestamp(), "limit": limit}
+        return await self._write(
+            lambda c: int(c.execute(_Q["reassign_queued_robots"], params).rowcount))
+
+    async def fail_queued_robots(self, module: str, kind: str, due_before: datetime,
+                                 error: ErrorInfo, now: datetime, limit: int) -> list[Robot]:
+        params = {"module": module, "kind": kind, "due_before": due_before.timestamp(),
+                  "error": _error_json(error), "now": now.timestamp(), "limit": limit}
+        rows = await self._write(
+            lambda c: c.execute(_Q["fail_queued_robots"], params).fetchall())
+        return [robot_from_row(r) for r in rows]
+
 
 def _robot_params(robot: Robot) -> dict[str, Any]:
     return {
