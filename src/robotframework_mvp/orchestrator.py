@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Self
 
 import anyio
@@ -76,6 +77,16 @@ class Page:
     next_cursor: str | None
 
 
+class _Waiter:
+    """Callers waiting for one robot: woken with the finished robot itself."""
+
+    __slots__ = ("event", "robot")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.robot: Robot | None = None
+
+
 class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
     """Runs robots. Use as ``async with Orchestrator(settings) as orch: ...``."""
 
@@ -90,7 +101,7 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
         self._extra_modules = tuple(modules)
         self._extra_plugins = tuple(plugins)
         self.tracker = PerformanceTracker(window_size=self.settings.performance.window_size)
-        self._waiters: dict[str, anyio.Event] = {}
+        self._waiters: dict[str, _Waiter] = {}
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -175,7 +186,7 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                         # the moment another process queues a robot, instead of at a poll.
                         listen = getattr(driver, "listen", None)
                         if listen is not None:
-                            await tg.start(listen, self.worker.wake)
+                            await tg.start(listen, partial(self.worker.wake, check_due=True))
                     if settings.background.scheduler_enabled:
                         await tg.start(self.scheduler.run)
                     plugin_scope = anyio.CancelScope()
@@ -253,9 +264,10 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
         await self._call_observers("on_robot_progress", robot=robot)
 
     async def _robot_finished(self, robot: Robot) -> None:
-        event = self._waiters.pop(robot.id, None)
-        if event is not None:
-            event.set()
+        waiter = self._waiters.pop(robot.id, None)
+        if waiter is not None:
+            waiter.robot = robot
+            waiter.event.set()
         await self._call_observers("on_robot_finished", robot=robot)
 
     # -- the public API ----------------------------------------------------------------
@@ -334,8 +346,14 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                               request_id=info.request_id, details={"kind": robot.kind})
             if is_new and connection is None:
                 await self._call_observers("on_robot_created", robot=robot)
-        if connection is None and any(is_new for _, is_new in created):
-            self.worker.wake()
+        if connection is None:
+            new = [robot for robot, is_new in created if is_new]
+            if new:
+                later = [r.scheduled_at for r in new if r.scheduled_at > utcnow()]
+                if later:
+                    self.worker.note_due(min(later))
+                if len(later) < len(new):
+                    self.worker.wake()
         return [robot for robot, _ in created]
 
     def _new_robot(self, item: SanitizedRequest, principal: Principal) -> Robot:
@@ -652,21 +670,25 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
     async def _wait_until_terminal(self, robot: Robot, timeout: float) -> Robot:
         if robot.is_terminal or timeout <= 0:
             return robot
-        # Robots finished by this process wake us at once; others are seen by polling.
-        event = self._waiters.setdefault(robot.id, anyio.Event())
+        # A robot finished by this process hands itself to the waiter at once (no read);
+        # one finished by another process is seen by polling the store, backing off.
+        waiter = self._waiters.get(robot.id)
+        if waiter is None:
+            waiter = self._waiters[robot.id] = _Waiter()
         poll = 0.05
         with anyio.move_on_after(timeout):
             while True:
                 with anyio.move_on_after(poll):
-                    await event.wait()
+                    await waiter.event.wait()
+                if waiter.robot is not None:
+                    return waiter.robot
                 current = await self.state.get_robot(robot.id, fresh=True)
                 if current is not None:
                     robot = current
                 if robot.is_terminal:
                     return robot
-                if event.is_set():
-                    event = self._waiters.setdefault(robot.id, anyio.Event())
                 poll = min(poll * 2, 0.5)
+        self._waiters.pop(robot.id, None)
         return robot
 
     def require_admin(self, principal: Principal) -> None:

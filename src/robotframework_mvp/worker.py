@@ -16,7 +16,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import anyio
@@ -90,6 +90,10 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.running: dict[str, _Running] = {}
         self._wake = anyio.Event()
+        # The earliest future due time known here, and when the store was last asked: the
+        # store is asked at most once a poll interval unless wake(check_due=True).
+        self._next_due: datetime | None = None
+        self._due_checked_at = float("-inf")
         self._stopping = False
         self._idle = anyio.Event()
         self.claimed = 0
@@ -99,8 +103,20 @@ class Worker:
     def concurrency(self) -> int:
         return self.settings.worker.concurrency
 
-    def wake(self) -> None:
-        """New work may be due: stop sleeping and look."""
+    def wake(self, *, check_due: bool = False) -> None:
+        """New work may be due: stop sleeping and look.
+
+        ``check_due``: robots may also have been queued for later by someone else (another
+        process), so ask the store for the next due time before sleeping again.
+        """
+        if check_due:
+            self._due_checked_at = float("-inf")
+        self._wake.set()
+
+    def note_due(self, at: datetime) -> None:
+        """A robot this process queued becomes due at ``at``: wake up for it then."""
+        if self._next_due is None or at < self._next_due:
+            self._next_due = at
         self._wake.set()
 
     def cancel_local(self, robot_id: str) -> bool:
@@ -132,7 +148,7 @@ class Worker:
         circuits = self.circuits
         while True:
             self._wake = anyio.Event()
-            claimed = 0
+            full = False
             if circuits is not None:
                 await circuits.refresh_shared()
             # Modules that could take a robot now: the sleep below waits only for those.
@@ -154,32 +170,41 @@ class Worker:
                 free = self.concurrency - len(self.running)
                 if free <= 0:
                     continue
+                requested = min(free, module_free)
                 try:
                     claims = await self.state.claim(
-                        name, min(free, module_free), self.id, self.settings.worker.lease_seconds
+                        name, requested, self.id, self.settings.worker.lease_seconds
                     )
                 except Exception:
                     log.exception("claiming robots of module %r failed; will retry", name)
                     claims = []
                 for claim in claims:
                     self._start(robots_tg, claim)
-                claimed += len(claims)
+                full = full or len(claims) == requested
             start += 1
-            if claimed and len(self.running) < self.concurrency:
-                continue  # there may be more due work: look again at once
+            if full and len(self.running) < self.concurrency:
+                continue  # a claim came back full: there may be more due work
             await self._sleep(ready)
 
     async def _sleep(self, ready: Sequence[str] | None = None) -> None:
-        timeout = self.settings.worker.poll_interval
+        poll = self.settings.worker.poll_interval
+        timeout = poll
         modules = list(self.modules) if ready is None else list(ready)
         if len(self.running) < self.concurrency and modules:
-            try:
-                due = await self.state.next_due_at(modules)
-            except Exception:
-                log.exception("looking up the next due robot failed")
-                due = None
+            now = time.monotonic()
+            if now - self._due_checked_at >= poll:
+                self._due_checked_at = now
+                try:
+                    self._next_due = await self.state.next_due_at(modules)
+                except Exception:
+                    log.exception("looking up the next due robot failed")
+                    self._next_due = None
+            due = self._next_due
             if due is not None:
-                timeout = min(timeout, max(0.0, (due - utcnow()).total_seconds()))
+                wait = (due - utcnow()).total_seconds()
+                if wait <= 0:
+                    self._next_due = None  # due now: the next claim takes it
+                timeout = min(timeout, max(0.0, wait))
         if timeout > 0:
             with anyio.move_on_after(timeout):
                 await self._wake.wait()
@@ -325,7 +350,7 @@ class Worker:
         if stored.is_terminal:
             await self.on_finished(stored)
         elif scheduled_at is not None:
-            self.wake()
+            self.note_due(stored.scheduled_at)
 
     async def _store_completion(self, completion: Completion) -> Robot | None:
         """Write how the attempt ended, trying again while the store is unavailable.

@@ -423,6 +423,30 @@ async def test_complete_under_a_wrong_lease_token_changes_nothing(driver: Storag
     ]
 
 
+async def test_complete_many_writes_each_completion_under_its_own_lease(
+    driver: StorageDriver,
+) -> None:
+    robots = [make_robot() for _ in range(5)]
+    await create(driver, *robots)
+    claims = {c.robot.id: c for c in await claim(driver, limit=5)}
+    assert len(claims) == 5
+    ordered = [claims[r.id] for r in robots]
+    stolen = attrs.evolve(ordered[2], execution=attrs.evolve(ordered[2].execution,
+                                                             id="not-my-lease"))
+    batch = [completion(c, RobotStatus.SUCCEEDED, result={"i": i})
+             for i, c in enumerate(ordered)]
+    batch[2] = completion(stolen, RobotStatus.SUCCEEDED, result={"i": 2})
+    batch[4] = completion(ordered[4], RobotStatus.FAILED, error=ErrorInfo("Boom", "no"))
+    done = await driver.complete_many(batch)
+    assert [None if d is None else d.status for d in done] == [
+        RobotStatus.SUCCEEDED, RobotStatus.SUCCEEDED, None, RobotStatus.SUCCEEDED,
+        RobotStatus.FAILED]
+    assert [d.result for d in done[:2] if d is not None] == [{"i": 0}, {"i": 1}]
+    # The lost lease changed nothing: that robot is still running under its claim.
+    assert (await stored(driver, robots[2].id)).status is RobotStatus.RUNNING
+    assert await driver.complete_many([]) == []
+
+
 async def test_complete_with_success_stores_the_result_and_ends_the_execution(
     driver: StorageDriver,
 ) -> None:

@@ -161,6 +161,13 @@ class StorageDriver(Protocol):
     async def complete(self, completion: Completion) -> Robot | None:
         """End an attempt under its lease in one transaction; None if the lease is lost."""
 
+    async def complete_many(self, completions: Sequence[Completion]) -> list[Robot | None]:
+        """``complete`` for several attempts in one transaction (group commit), in order.
+
+        Each completion keeps its own lease condition: one lost lease yields None for that
+        robot and changes nothing for the others.
+        """
+
     async def cancel_robot(self, robot_id: str, now: datetime) -> Robot | None:
         """Cancel a pending, queued or running robot; None if it had already ended."""
 

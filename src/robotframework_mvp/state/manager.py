@@ -16,6 +16,7 @@ from ..cache.manager import CacheManager
 from ..models import Execution, ModuleRecord, Robot, RobotStatus, utcnow
 from ..performance import PerformanceTracker
 from .driver import Claim, Completion, StorageDriver
+from .group_commit import GroupCommitter
 
 __all__ = ["StateManager"]
 
@@ -27,6 +28,7 @@ class StateManager:
         self.driver = driver
         self.cache = cache
         self.tracker = tracker
+        self._committer = GroupCommitter(self._complete_many)
 
     async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:
         with self.tracker.measure("state.create_robot"):
@@ -106,11 +108,18 @@ class StateManager:
         return robot
 
     async def complete(self, completion: Completion) -> Robot | None:
+        """Store how an attempt ended; concurrent completions share one transaction."""
         with self.tracker.measure("state.complete_robot"):
-            robot = await self.driver.complete(completion)
-        if robot is not None:
-            await self.cache.set_robot(robot)
-        return robot
+            return await self._committer.complete(completion)
+
+    async def _complete_many(self, completions: Sequence[Completion]) -> list[Robot | None]:
+        write_many = getattr(self.driver, "complete_many", None)
+        if write_many is None:  # a third-party driver from before group commit
+            robots = [await self.driver.complete(c) for c in completions]
+        else:
+            robots = await write_many(completions)
+        await self.cache.set_robots([r for r in robots if r is not None])
+        return robots
 
     async def cancel(self, robot_id: str) -> Robot | None:
         robot = await self.driver.cancel_robot(robot_id, utcnow())

@@ -704,7 +704,28 @@ class PostgresDriver:
         return None if row is None else robot_from_row(row)
 
     async def complete(self, completion: Completion) -> Robot | None:
-        params = {
+        return (await self.complete_many([completion]))[0]
+
+    async def complete_many(self, completions: Sequence[Completion]) -> list[Robot | None]:
+        """One transaction; in pipeline mode the statements share one round trip."""
+        if not completions:
+            return []
+        batch = [self._completion_params(c) for c in completions]
+        query = _Q["complete_robot"]
+
+        async def run(conn: Connection) -> list[DictRow | None]:
+            if len(batch) == 1:
+                return [await _fetchone(conn, query, batch[0])]
+            async with conn.transaction():
+                async with conn.pipeline():
+                    cursors = [await conn.execute(query, params) for params in batch]
+                return [await cur.fetchone() for cur in cursors]
+
+        rows = await self._write(run)
+        return [None if row is None else robot_from_row(row) for row in rows]
+
+    def _completion_params(self, completion: Completion) -> dict[str, Any]:
+        return {
             "id": completion.robot_id,
             "lease_token": completion.lease_token,
             "status": str(completion.status),
@@ -718,8 +739,6 @@ class PostgresDriver:
             "channel": self.channel,
             **_child_params(completion.followup),
         }
-        row = await self._write(lambda c: _fetchone(c, _Q["complete_robot"], params))
-        return None if row is None else robot_from_row(row)
 
     async def cancel_robot(self, robot_id: str, now: datetime) -> Robot | None:
         params = {"id": robot_id, "now": now}

@@ -356,37 +356,11 @@ class SQLiteDriver:
         return None if row is None else robot_from_row(row)
 
     async def complete(self, completion: Completion) -> Robot | None:
-        now = completion.finished_at.timestamp()
-        error = _error_json(completion.error)
+        return (await self.complete_many([completion]))[0]
 
-        def run(conn: sqlite3.Connection) -> Robot | None:
-            row = conn.execute(
-                _Q["complete_robot"],
-                {
-                    "id": completion.robot_id,
-                    "lease_token": completion.lease_token,
-                    "status": str(completion.status),
-                    "result": None if completion.result is None
-                    else json.dumps(completion.result),
-                    "error": error,
-                    "now": now,
-                    "scheduled_at": _ts(completion.scheduled_at),
-                    "module": completion.module,
-                },
-            ).fetchone()
-            if row is None:
-                return None
-            conn.execute(
-                _Q["finish_execution"],
-                {"id": completion.lease_token, "status": completion.execution_status,
-                 "finished_at": now, "duration_ms": completion.duration_ms, "error": error},
-            )
-            if completion.followup is not None:
-                # In this transaction; an existing (parent_id, parent_trigger) is skipped.
-                conn.execute(_Q["insert_robot"], _robot_params(completion.followup))
-            return robot_from_row(row)
-
-        return await self._write(run)
+    async def complete_many(self, completions: Sequence[Completion]) -> list[Robot | None]:
+        return await self._write(
+            lambda conn: [_complete_in(conn, completion) for completion in completions])
 
     async def cancel_robot(self, robot_id: str, now: datetime) -> Robot | None:
         now_ts = now.timestamp()
@@ -814,3 +788,34 @@ def _audit_from_row(row: sqlite3.Row) -> tuple[int, AuditEvent]:
         client=row["client"], request_id=row["request_id"], details=json.loads(row["details"]),
         prev_hash=row["prev_hash"], hash=row["hash"],
     )
+
+
+def _complete_in(conn: sqlite3.Connection, completion: Completion) -> Robot | None:
+    """One completion inside an open write transaction (see ``complete_many``)."""
+    now = completion.finished_at.timestamp()
+    error = _error_json(completion.error)
+    row = conn.execute(
+        _Q["complete_robot"],
+        {
+            "id": completion.robot_id,
+            "lease_token": completion.lease_token,
+            "status": str(completion.status),
+            "result": None if completion.result is None
+            else json.dumps(completion.result),
+            "error": error,
+            "now": now,
+            "scheduled_at": _ts(completion.scheduled_at),
+            "module": completion.module,
+        },
+    ).fetchone()
+    if row is None:
+        return None
+    conn.execute(
+        _Q["finish_execution"],
+        {"id": completion.lease_token, "status": completion.execution_status,
+         "finished_at": now, "duration_ms": completion.duration_ms, "error": error},
+    )
+    if completion.followup is not None:
+        # In this transaction; an existing (parent_id, parent_trigger) is skipped.
+        conn.execute(_Q["insert_robot"], _robot_params(completion.followup))
+    return robot_from_row(row)

@@ -1,0 +1,78 @@
+"""Group commit: concurrent completions share writes, and nothing is lost or mixed up."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+from robotframework_mvp.models import Robot, RobotStatus
+from robotframework_mvp.state.driver import Completion
+from robotframework_mvp.state.group_commit import GroupCommitter
+
+pytestmark = pytest.mark.anyio
+
+
+def _completion(i: int) -> Completion:
+    return Completion(robot_id=f"r{i}", lease_token=f"t{i}", status=RobotStatus.SUCCEEDED,
+                      execution_status="succeeded", finished_at=datetime.now(UTC),
+                      duration_ms=1.0)
+
+
+def _robot(robot_id: str) -> Robot:
+    return Robot(id=robot_id, kind="k", payload={}, owner="o", tenant="o",
+                 status=RobotStatus.SUCCEEDED)
+
+
+class SlowStore:
+    """Each write waits until the test lets it go, and records what it was given."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+        self.release = anyio.Event()
+
+    async def write_many(self, completions: Sequence[Completion]) -> list[Robot | None]:
+        self.batches.append([c.robot_id for c in completions])
+        await self.release.wait()
+        return [None if c.robot_id == "r3" else _robot(c.robot_id) for c in completions]
+
+
+async def test_completions_arriving_during_a_write_share_the_next_one() -> None:
+    store = SlowStore()
+    committer = GroupCommitter(store.write_many)
+    results: dict[int, Robot | None] = {}
+
+    async def complete(i: int) -> None:
+        results[i] = await committer.complete(_completion(i))
+
+    async with anyio.create_task_group() as tg:
+        for i in range(6):
+            tg.start_soon(complete, i)
+        with anyio.fail_after(5):
+            while len(store.batches) < 1 or committer._queue.__len__() < 5:
+                await anyio.lowlevel.checkpoint()
+        store.release.set()
+    assert store.batches == [["r0"], ["r1", "r2", "r3", "r4", "r5"]]
+    assert {i: None if r is None else r.id for i, r in results.items()} == {
+        0: "r0", 1: "r1", 2: "r2", 3: None, 4: "r4", 5: "r5"}
+
+
+async def test_a_failed_write_fails_every_completion_of_its_batch_and_no_other() -> None:
+    calls = 0
+
+    async def write_many(completions: Sequence[Completion]) -> list[Robot | None]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionError("store gone")
+        return [_robot(c.robot_id) for c in completions]
+
+    committer = GroupCommitter(write_many)
+    with pytest.raises(ConnectionError):
+        await committer.complete(_completion(1))
+    robot = await committer.complete(_completion(2))
+    assert robot is not None
+    assert robot.id == "r2"
