@@ -13,10 +13,13 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
+
 from ..config import CacheConfig
 from ..models import Robot, converter
 from ..resilience import BreakerPolicy, CircuitBreaker
 from .backend import CacheBackend, RateDecision
+from .memory import MemoryBackend
 
 __all__ = ["CacheManager"]
 
@@ -31,6 +34,8 @@ class CacheManager:
         self.hits: Counter[str] = Counter()
         self.misses: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        # The memory backend holds robots as the immutable objects they are.
+        self._in_process = backend if isinstance(backend, MemoryBackend) else None
         self.breaker = CircuitBreaker(
             f"cache:{backend.name}",
             BreakerPolicy(failure_rate_threshold=0.5, window_size=20, minimum_calls=5,
@@ -111,6 +116,14 @@ class CacheManager:
     # -- robots ------------------------------------------------------------------------
 
     async def get_robot(self, robot_id: str) -> Robot | None:
+        if self._in_process is not None:
+            # Same process, immutable objects: no need to serialize (the memory backend).
+            found = self._in_process.get_object(f"{self.prefix}robot:{robot_id}")
+            if found is None:
+                self.misses["robot"] += 1
+                return None
+            self.hits["robot"] += 1
+            return found if isinstance(found, Robot) else None
         data = await self.get_json("robot", robot_id)
         if data is None:
             return None
@@ -124,6 +137,13 @@ class CacheManager:
 
     async def set_robots(self, robots: Sequence[Robot]) -> None:
         """Cache robots' current state in one round trip (never their lease tokens)."""
+        if self._in_process is not None:
+            ttl = self.config.ttl_robot_status
+            for robot in robots:
+                stored = robot if robot.lease_token is None else attrs.evolve(
+                    robot, lease_token=None)  # a lease token never leaves the store
+                self._in_process.set_object(f"{self.prefix}robot:{robot.id}", stored, ttl)
+            return
         items = []
         for robot in robots:
             data = converter.unstructure(robot)

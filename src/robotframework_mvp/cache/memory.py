@@ -50,6 +50,14 @@ class MemoryBackend:
         for key, value in items:
             self._entries[key] = (value, ttl)
 
+    def get_object(self, key: str) -> object | None:
+        """An in-process object stored by ``set_object`` (never serialized)."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry[0]
+
+    def set_object(self, key: str, value: object, ttl: float) -> None:
+        self._entries[key] = (value, ttl)  # type: ignore[assignment]
+
     async def delete(self, *keys: str) -> None:
         for key in keys:
             self._entries.pop(key, None)
