@@ -171,6 +171,7 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                     for task in contributed or ()]
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.audit.run)
+                    tg.start_soon(self.cache.run_writer)
                     tg.start_soon(self.security.run)
                     from .background import BackgroundLoops
 
@@ -186,7 +187,9 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                         # the moment another process queues a robot, instead of at a poll.
                         listen = getattr(driver, "listen", None)
                         if listen is not None:
-                            await tg.start(listen, partial(self.worker.wake, check_due=True))
+                            await tg.start(partial(
+                                listen, partial(self.worker.wake, check_due=True),
+                                ignore_own=True))
                     if settings.background.scheduler_enabled:
                         await tg.start(self.scheduler.run)
                     plugin_scope = anyio.CancelScope()

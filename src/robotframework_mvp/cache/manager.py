@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import attrs
 
 from ..config import CacheConfig
@@ -25,6 +26,9 @@ __all__ = ["CacheManager"]
 
 log = logging.getLogger(__name__)
 
+#: how long a robot state may wait before it is written to a shared cache
+_WRITE_BEHIND_SECONDS = 0.005
+
 
 class CacheManager:
     def __init__(self, backend: CacheBackend, config: CacheConfig) -> None:
@@ -36,6 +40,11 @@ class CacheManager:
         self.errors: Counter[str] = Counter()
         # The memory backend holds robots as the immutable objects they are.
         self._in_process = backend if isinstance(backend, MemoryBackend) else None
+        # A shared backend gets robot states written behind the request path: the newest
+        # state of each robot waits here (read back by this process) until ``run_writer``
+        # sends them all in one pipelined round trip.
+        self._pending: dict[str, bytes] = {}
+        self._pending_wake: anyio.Event | None = None
         self.breaker = CircuitBreaker(
             f"cache:{backend.name}",
             BreakerPolicy(failure_rate_threshold=0.5, window_size=20, minimum_calls=5,
@@ -96,6 +105,8 @@ class CacheManager:
         self.breaker.record_success()
 
     async def delete(self, namespace: str, key: str) -> None:
+        if namespace == "robot":
+            self._pending.pop(key, None)
         if not self.breaker.allow():
             self.errors[namespace] += 1
             return
@@ -124,7 +135,12 @@ class CacheManager:
                 return None
             self.hits["robot"] += 1
             return found if isinstance(found, Robot) else None
-        data = await self.get_json("robot", robot_id)
+        pending = self._pending.get(robot_id)
+        if pending is not None:
+            self.hits["robot"] += 1
+            data = json.loads(pending)
+        else:
+            data = await self.get_json("robot", robot_id)
         if data is None:
             return None
         try:
@@ -149,7 +165,32 @@ class CacheManager:
             data = converter.unstructure(robot)
             data["lease_token"] = None  # a lease token never leaves the store
             items.append((robot.id, json.dumps(data).encode()))
+        if self._pending_wake is not None:
+            self._pending.update(items)
+            self._pending_wake.set()
+            return
         await self.set_many_bytes("robot", items, self.config.ttl_robot_status)
+
+    async def run_writer(self) -> None:
+        """Write robot states behind the request path until cancelled (then flush)."""
+        self._pending_wake = anyio.Event()
+        try:
+            while True:
+                await self._pending_wake.wait()
+                # A moment's pause lets a robot's quick successive states (created,
+                # running, succeeded) coalesce into one write of the newest.
+                await anyio.sleep(_WRITE_BEHIND_SECONDS)
+                self._pending_wake = anyio.Event()
+                await self._flush_pending()
+        finally:
+            self._pending_wake = None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
+                await self._flush_pending()
+
+    async def _flush_pending(self) -> None:
+        if self._pending:
+            items, self._pending = list(self._pending.items()), {}
+            await self.set_many_bytes("robot", items, self.config.ttl_robot_status)
 
     # -- rate limits -------------------------------------------------------------------
 

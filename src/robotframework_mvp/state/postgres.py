@@ -53,7 +53,13 @@ from ..models import (
     Schedule,
     audit_hash,
 )
-from ..resilience import BreakerPolicy, CircuitBreaker, CircuitState, infrastructure_retrying
+from ..resilience import (
+    BreakerPolicy,
+    CircuitBreaker,
+    CircuitState,
+    backoff_delay,
+    infrastructure_retrying,
+)
 from .availability import PROBE_TIMEOUT, StoreAvailability
 from .driver import Claim, Completion, ScheduleFire, followup_from_json, followups_json
 from .queries import load_migrations, load_queries
@@ -339,6 +345,8 @@ class PostgresDriver:
         #: reads served by the write pool because the read pool was failing
         self.read_fallbacks = 0
         self.channel: str | None = None
+        #: PostgreSQL backend pids of this driver's pooled connections
+        self._own_backends: set[int] = set()
         self._pool: Pool | None = None
         self._read_pool: Pool | None = None
         #: the write side: fail fast with 503 while PostgreSQL cannot be reached
@@ -372,8 +380,13 @@ class PostgresDriver:
             max_size=max_size,
             timeout=self.config.timeout,
             name=name,
+            configure=self._remember_backend,
             open=False,
         )
+
+    async def _remember_backend(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Note the server process behind each pooled connection (see ``listen``)."""
+        self._own_backends.add(conn.info.backend_pid)
 
     def _scrub(self, text: str) -> str:
         for password in self._passwords:
@@ -505,32 +518,47 @@ class PostgresDriver:
         self, pool: Pool, fn: Callable[[Connection], Awaitable[T]], attempts: int,
         timeout: float | None, guard: StoreAvailability | None,
     ) -> T:
-        async for attempt in infrastructure_retrying(is_transient, attempts=attempts):
+        # The first try runs without tenacity's machinery (about 20 us a call on the hot
+        # path); only a transient failure enters the retry loop for the remaining tries.
+        try:
+            return await self._once(pool, fn, timeout, guard)
+        except Exception as exc:
+            if attempts <= 1 or not is_transient(exc):
+                raise
+        await anyio.sleep(backoff_delay(1, 0.05, 1.0))
+        async for attempt in infrastructure_retrying(is_transient, attempts=attempts - 1):
             with attempt:
-                lost = False
-                with _NOT_WATCHED if guard is None else guard.watch() as watched:
-                    try:
-                        async with pool.connection(timeout) as conn:
-                            try:
-                                return await fn(conn)
-                            except psycopg.Error:
-                                lost = conn.broken
-                                raise
-                    except PoolTimeout:
-                        if guard is not None:
-                            # Starved because the server is gone, or just busy?
-                            await guard.check_reachable()
-                        raise
-                    finally:
-                        if lost:
-                            if guard is not None:
-                                await guard.check_reachable()
-                            # The server may have dropped its other sessions too (restart,
-                            # failover, pg_terminate_backend): weed them out before retrying.
-                            await pool.check()
-                if guard is not None and watched is not None and watched.cancelled_caught:
-                    raise guard.unavailable()  # the breaker opened while we waited
+                return await self._once(pool, fn, timeout, guard)
         raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    async def _once(
+        self, pool: Pool, fn: Callable[[Connection], Awaitable[T]], timeout: float | None,
+        guard: StoreAvailability | None,
+    ) -> T:
+        lost = False
+        with _NOT_WATCHED if guard is None else guard.watch() as watched:
+            try:
+                async with pool.connection(timeout) as conn:
+                    try:
+                        return await fn(conn)
+                    except psycopg.Error:
+                        lost = conn.broken
+                        raise
+            except PoolTimeout:
+                if guard is not None:
+                    # Starved because the server is gone, or just busy?
+                    await guard.check_reachable()
+                raise
+            finally:
+                if lost:
+                    if guard is not None:
+                        await guard.check_reachable()
+                    # The server may have dropped its other sessions too (restart,
+                    # failover, pg_terminate_backend): weed them out before retrying.
+                    await pool.check()
+        if guard is not None and watched is not None and watched.cancelled_caught:
+            raise guard.unavailable()  # the breaker opened while we waited
+        raise AssertionError("unreachable")  # pragma: no cover - the block returns or raises
 
     def pool_stats(self) -> dict[str, dict[str, int]]:
         """psycopg_pool's figures per pool (size, available, waiting ...), for /metrics."""
@@ -1090,9 +1118,13 @@ class PostgresDriver:
         self,
         on_notify: Callable[[], None],
         *,
+        ignore_own: bool = False,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Call ``on_notify()`` whenever any process queues robots in this schema.
+
+        ``ignore_own``: skip notifications sent through this driver's own connections
+        (the caller already knows about the work it queued itself).
 
         Runs until cancelled on one dedicated connection (not from the pool), reporting
         ready (``task_status.started()``) once it listens; start it with
@@ -1127,8 +1159,9 @@ class PostgresDriver:
                         async with contextlib.aclosing(
                             conn.notifies(timeout=_LISTEN_KEEPALIVE)
                         ) as notifies:
-                            async for _ in notifies:
-                                on_notify()
+                            async for notify in notifies:
+                                if not (ignore_own and notify.pid in self._own_backends):
+                                    on_notify()
                         await conn.execute("SELECT 1")
                 except psycopg.OperationalError as exc:
                     if not started:
