@@ -62,6 +62,7 @@ async def test_redis_gone_mid_run_requests_keep_succeeding_and_the_cache_comes_b
                                                 "key_prefix": redis_prefix})
     async with running_orchestrator(echo, settings=settings) as orch:
         first = await orch.process_robot("echo", {"n": 0}, api_key=TEST_API_KEY, timeout=10)
+        await orch.cache.flush()  # states are written behind; make this one land now
         hits = cache_hits(orch)
         assert (await orch.get(first.id, api_key=TEST_API_KEY)).status is RobotStatus.SUCCEEDED
         assert cache_hits(orch) == hits + 1, "the status came from Redis"
@@ -85,6 +86,7 @@ async def test_redis_gone_mid_run_requests_keep_succeeding_and_the_cache_comes_b
         # client reconnects, and reads are served from Redis again.
         async def cached_again() -> bool:
             robot = await orch.process_robot("echo", {}, api_key=TEST_API_KEY, timeout=10)
+            await orch.cache.flush()
             before = cache_hits(orch)
             await orch.get(robot.id, api_key=TEST_API_KEY)
             return cache_hits(orch) == before + 1
@@ -104,6 +106,7 @@ async def test_killed_redis_connections_are_replaced_without_a_restart(
                                                 "key_prefix": redis_prefix})
     async with running_orchestrator(echo, settings=settings) as orch:
         robot = await orch.process_robot("echo", {}, api_key=TEST_API_KEY, timeout=10)
+        await orch.cache.flush()
         assert await kill_redis_clients(name) >= 1
         for _ in range(5):
             assert (await orch.get(robot.id, api_key=TEST_API_KEY)).id == robot.id

@@ -137,7 +137,7 @@ class CacheManager:
             return found if isinstance(found, Robot) else None
         pending = self._pending.get(robot_id)
         if pending is not None:
-            self.hits["robot"] += 1
+            # Not yet in the shared cache: this process's own newest write (not a hit).
             data = json.loads(pending)
         else:
             data = await self.get_json("robot", robot_id)
@@ -186,6 +186,10 @@ class CacheManager:
             self._pending_wake = None
             with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):
                 await self._flush_pending()
+
+    async def flush(self) -> None:
+        """Write pending robot states to the shared cache now (tests, shutdown)."""
+        await self._flush_pending()
 
     async def _flush_pending(self) -> None:
         if self._pending:
