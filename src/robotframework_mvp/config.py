@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 #: RFMVP_* variables read by the examples, tests and benchmarks rather than by Settings
 _NOT_SETTINGS = frozenset({
     "API_KEY", "HOST", "PORT", "REQUIRE_SERVICES", "TEST_POSTGRES_URL", "TEST_REDIS_URL",
-    "LOG_LEVEL",
+    "LOG_LEVEL", "ACCESS_LOG",
     # read by the email monitor plugin (robotframework_mvp.services.email.config)
     "EMAIL_MAILBOXES", "EMAIL_API_KEY", "EMAIL_ATTACHMENT_DIR", "EMAIL_POLL_INTERVAL",
     "EMAIL_MAX_ATTACHMENT_BYTES", "EMAIL_MAX_MESSAGE_BYTES", "EMAIL_MAX_BODY_CHARS",
