@@ -6,10 +6,8 @@ SIGTERM for a graceful stop. Every wait is on an observable condition with a dea
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -18,6 +16,7 @@ from typing import Any
 
 import anyio
 import pytest
+from _workers import LEASE_SECONDS, Spawn, wait_for, wait_for_modules, worker_processes
 
 from robotframework_mvp import RobotStatus, SubmitRequest
 from robotframework_mvp.models import ExecutionStatus
@@ -25,8 +24,6 @@ from robotframework_mvp.orchestrator import Orchestrator
 from robotframework_mvp.testing import TEST_API_KEY, test_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
-
-LEASE_SECONDS = 2.0
 
 PLUGIN = textwrap.dedent(
     """
@@ -55,76 +52,21 @@ PLUGIN = textwrap.dedent(
 )
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.fixture
 def log_dir(tmp_path: Path) -> Path:
-    (tmp_path / "plugin").mkdir()
-    (tmp_path / "plugin" / "mp_plugin.py").write_text(PLUGIN)
-    (tmp_path / "log").mkdir()
     return tmp_path
 
 
 @pytest.fixture
-def spawn_worker(
-    postgres_url: str, log_dir: Path
-) -> Iterator[Callable[[], subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    src = Path(__file__).resolve().parents[2] / "src"
-
-    def spawn() -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env.update({
-            "PYTHONPATH": os.pathsep.join([str(log_dir / "plugin"), str(src),
-                                           env.get("PYTHONPATH", "")]),
-            "RFMVP_STORAGE_URL": postgres_url,
-            "RFMVP_CACHE_URL": "memory://",
-            "RFMVP_PLUGINS": "mp_plugin",
-            "RFMVP_LEASE_SECONDS": str(LEASE_SECONDS),
-            "RFMVP_REAPER_INTERVAL": "0.25",
-            "RFMVP_POLL_INTERVAL": "0.2",
-            "RFMVP_WORKER_CONCURRENCY": "10",
-            "RFMVP_SHUTDOWN_GRACE_SECONDS": "1",
-            "RFMVP_RETRY_BASE_SECONDS": "0.01",
-            "MP_LOG_DIR": str(log_dir / "log"),
-        })
-        err = (log_dir / f"worker-{len(procs)}.err").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "robotframework_mvp.cli", "worker"],
-            env=env, stdout=subprocess.DEVNULL, stderr=err,
-        )
-        err.close()
-        procs.append(proc)
-        return proc
-
-    yield spawn
-    for proc in procs:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGCONT)
-            proc.kill()
-        proc.wait(timeout=10)
+def spawn_worker(postgres_url: str, log_dir: Path) -> Iterator[Spawn]:
+    with worker_processes(postgres_url, log_dir, "mp_plugin", PLUGIN, concurrency=10) as spawn:
+        yield spawn
 
 
 def api_orchestrator(postgres_url: str) -> Orchestrator:
     """An API-only process: submits and reads, runs no worker."""
     settings = test_settings(postgres_url, worker={"enabled": False})
     return Orchestrator(settings)
-
-
-async def wait_for_modules(orch: Orchestrator, *names: str) -> None:
-    """Worker processes register their modules in the store when they start."""
-    with anyio.fail_after(30):
-        # Another process writes the records: polling the store is the only signal.
-        while not set(names) <= {m.name for m in await orch.state.list_modules()}:  # noqa: ASYNC110
-            await anyio.sleep(0.05)
 
 
 async def wait_robot(orch: Orchestrator, robot_id: str, predicate: Callable[[Any], bool],

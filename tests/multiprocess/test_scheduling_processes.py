@@ -12,7 +12,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
@@ -23,6 +22,7 @@ from typing import Any
 
 import anyio
 import pytest
+from _workers import LEASE_SECONDS, Spawn, wait_for, wait_for_modules, worker_processes
 
 from robotframework_mvp import RobotStatus
 from robotframework_mvp.models import Robot, utcnow
@@ -30,8 +30,6 @@ from robotframework_mvp.orchestrator import Orchestrator
 from robotframework_mvp.testing import TEST_API_KEY, test_settings
 
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres, pytest.mark.slow]
-
-LEASE_SECONDS = 2.0
 
 PLUGIN = textwrap.dedent(
     """
@@ -68,62 +66,16 @@ PLUGIN = textwrap.dedent(
 )
 
 
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 @pytest.fixture
 def log_dir(tmp_path: Path) -> Path:
-    (tmp_path / "plugin").mkdir()
-    (tmp_path / "plugin" / "mp_sched_plugin.py").write_text(PLUGIN)
-    (tmp_path / "log").mkdir()
     return tmp_path
 
 
 @pytest.fixture
-def spawn_worker(
-    postgres_url: str, log_dir: Path
-) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    src = Path(__file__).resolve().parents[2] / "src"
-
-    def spawn(**env_changes: str) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env.update({
-            "PYTHONPATH": os.pathsep.join([str(log_dir / "plugin"), str(src),
-                                           env.get("PYTHONPATH", "")]),
-            "RFMVP_STORAGE_URL": postgres_url,
-            "RFMVP_CACHE_URL": "memory://",
-            "RFMVP_PLUGINS": "mp_sched_plugin",
-            "RFMVP_LEASE_SECONDS": str(LEASE_SECONDS),
-            "RFMVP_REAPER_INTERVAL": "0.25",
-            "RFMVP_POLL_INTERVAL": "0.2",
-            "RFMVP_WORKER_CONCURRENCY": "20",
-            "RFMVP_SHUTDOWN_GRACE_SECONDS": "1",
-            "RFMVP_RETRY_BASE_SECONDS": "0.01",
-            "MP_LOG_DIR": str(log_dir / "log"),
-        })
-        env.update(env_changes)
-        err = (log_dir / f"worker-{len(procs)}.err").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "robotframework_mvp.cli", "worker"],
-            env=env, stdout=subprocess.DEVNULL, stderr=err,
-        )
-        err.close()
-        procs.append(proc)
-        return proc
-
-    yield spawn
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=10)
+def spawn_worker(postgres_url: str, log_dir: Path) -> Iterator[Spawn]:
+    with worker_processes(postgres_url, log_dir, "mp_sched_plugin", PLUGIN,
+                          concurrency=20) as spawn:
+        yield spawn
 
 
 def api_orchestrator(postgres_url: str) -> Orchestrator:
@@ -131,13 +83,6 @@ def api_orchestrator(postgres_url: str) -> Orchestrator:
     settings = test_settings(postgres_url, worker={"enabled": False},
                              background={"scheduler_enabled": False})
     return Orchestrator(settings)
-
-
-async def wait_for_modules(orch: Orchestrator, *names: str) -> None:
-    with anyio.fail_after(30):
-        # Another process writes the records: polling the store is the only signal.
-        while not set(names) <= {m.name for m in await orch.state.list_modules()}:  # noqa: ASYNC110
-            await anyio.sleep(0.05)
 
 
 async def schedule_robots(orch: Orchestrator, schedule_id: str) -> list[Robot]:
@@ -278,8 +223,8 @@ async def test_a_chain_runs_its_follow_up_exactly_once_when_the_parents_worker_i
                 "parent", {"sleep": 30 if delay is None else 0}, api_key=TEST_API_KEY,
                 on_success={"kind": "child", "payload": {"parent": "$parent.id"}})
             marker = log / f"parent-{parent.id}-1"
-            wait_for(marker.exists, 20, "the parent's first attempt to start")
-            pid = int(wait_for(marker.read_text, 5, "the marker's pid"))
+            wait_for(marker.exists, 20, "the parent's first attempt to start", interval=0.01)
+            pid = int(wait_for(marker.read_text, 5, "the marker's pid", interval=0.01))
             if delay:
                 time.sleep(delay)  # noqa: ASYNC251 - milliseconds, and nothing may run meanwhile
             os.kill(pid, signal.SIGKILL)
