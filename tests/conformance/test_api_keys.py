@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
@@ -18,21 +17,14 @@ import attrs
 import psycopg
 import pytest
 
-from robotframework_mvp.config import RateLimit, Settings, StorageConfig
+from robotframework_mvp.config import RateLimit
 from robotframework_mvp.errors import ConflictError
 from robotframework_mvp.models import ApiKey, AuditEvent, new_id, utcnow
-from robotframework_mvp.plugins import BuiltinPlugin
 from robotframework_mvp.security.audit import verify_chain, verify_store
 from robotframework_mvp.state.driver import StorageDriver
 from robotframework_mvp.state.sqlite import sqlite_path
 
 pytestmark = pytest.mark.anyio
-
-
-def build_driver(url: str) -> StorageDriver:
-    driver = BuiltinPlugin().storage_driver(url, Settings(storage=StorageConfig(url=url)))
-    assert driver is not None, f"no built-in driver serves {url}"
-    return driver
 
 
 def _raw_sql(url: str, statement: str, params: tuple[Any, ...]) -> None:
@@ -48,17 +40,6 @@ def _raw_sql(url: str, statement: str, params: tuple[Any, ...]) -> None:
 async def run_sql(url: str, statement: str, *params: Any) -> None:
     """Run ``statement`` behind the driver's back (``?`` placeholders)."""
     await anyio.to_thread.run_sync(_raw_sql, url, statement, params)
-
-
-@pytest.fixture
-async def driver(storage_url: str, anyio_backend: str) -> AsyncIterator[StorageDriver]:
-    built = build_driver(storage_url)
-    await built.open()
-    try:
-        await built.migrate()
-        yield built
-    finally:
-        await built.close()
 
 
 def make_key(prefix: str = "abcdefgh", **changes: Any) -> ApiKey:

@@ -3,33 +3,17 @@ an unavailable module are moved to another module, or failed past the deadline."
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 
-from robotframework_mvp.config import Settings, StorageConfig
 from robotframework_mvp.models import ErrorInfo, Robot, RobotStatus, new_id, utcnow
-from robotframework_mvp.plugins import BuiltinPlugin
 from robotframework_mvp.state.driver import StorageDriver
 
 pytestmark = pytest.mark.anyio
 
 ERROR = ErrorInfo("no_module_available", "module 'a' is unavailable")
-
-
-@pytest.fixture
-async def driver(storage_url: str, anyio_backend: str) -> AsyncIterator[StorageDriver]:
-    built = BuiltinPlugin().storage_driver(storage_url,
-                                           Settings(storage=StorageConfig(url=storage_url)))
-    assert built is not None
-    await built.open()
-    try:
-        await built.migrate()
-        yield built
-    finally:
-        await built.close()
 
 
 def robot(**changes: Any) -> Robot:

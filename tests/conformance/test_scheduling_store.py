@@ -4,7 +4,6 @@ exactly when their parent's end does."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -12,7 +11,6 @@ import anyio
 import attrs
 import pytest
 
-from robotframework_mvp.config import Settings, StorageConfig
 from robotframework_mvp.models import (
     ExecutionStatus,
     FollowUp,
@@ -23,23 +21,9 @@ from robotframework_mvp.models import (
     new_id,
     utcnow,
 )
-from robotframework_mvp.plugins import BuiltinPlugin
 from robotframework_mvp.state.driver import Claim, Completion, ScheduleFire, StorageDriver
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture
-async def driver(storage_url: str, anyio_backend: str) -> AsyncIterator[StorageDriver]:
-    built = BuiltinPlugin().storage_driver(storage_url,
-                                           Settings(storage=StorageConfig(url=storage_url)))
-    assert built is not None
-    await built.open()
-    try:
-        await built.migrate()
-        yield built
-    finally:
-        await built.close()
 
 
 def make_robot(**changes: Any) -> Robot:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,7 +18,6 @@ import attrs
 import psycopg
 import pytest
 
-from robotframework_mvp.config import Settings, StorageConfig
 from robotframework_mvp.models import (
     AuditEvent,
     ErrorInfo,
@@ -29,7 +28,6 @@ from robotframework_mvp.models import (
     new_id,
     utcnow,
 )
-from robotframework_mvp.plugins import BuiltinPlugin
 from robotframework_mvp.security.audit import verify_chain
 from robotframework_mvp.state.driver import Claim, Completion, StorageDriver
 from robotframework_mvp.state.queries import load_migrations
@@ -41,23 +39,6 @@ LEASE = timedelta(seconds=30)
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def build_driver(url: str) -> StorageDriver:
-    driver = BuiltinPlugin().storage_driver(url, Settings(storage=StorageConfig(url=url)))
-    assert driver is not None, f"no built-in driver serves {url}"
-    return driver
-
-
-@pytest.fixture
-async def driver(storage_url: str, anyio_backend: str) -> AsyncIterator[StorageDriver]:
-    built = build_driver(storage_url)
-    await built.open()
-    try:
-        await built.migrate()
-        yield built
-    finally:
-        await built.close()
 
 
 def raw_sql(url: str, statement: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -160,9 +141,9 @@ async def test_migrate_again_applies_nothing(driver: StorageDriver) -> None:
 
 
 async def test_migrations_run_at_once_by_many_processes_apply_the_schema_once(
-    storage_url: str,
+    storage_url: str, new_driver: Callable[[], StorageDriver],
 ) -> None:
-    drivers = [build_driver(storage_url) for _ in range(4)]
+    drivers = [new_driver() for _ in range(4)]
     results: list[list[int]] = []
     try:
         for d in drivers:
