@@ -23,7 +23,7 @@ import pytest
 from robotframework_mvp.performance import OPERATIONS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_server_smoke import ROOT, SERVER, Server, free_port
+from test_server_smoke import ROOT, Server, example_server
 
 ADMIN_KEY = "ops-admin-key-0123456789"
 USER_KEY = "alice-user-key-0123456789"
@@ -45,22 +45,9 @@ def _chromium() -> str:
 
 @pytest.fixture
 def dashboard_server(tmp_path: Path) -> Iterator[Server]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RFMVP_")}
-    env.update(RFMVP_PORT=str(port), RFMVP_HOST="127.0.0.1", PYTHONUNBUFFERED="1",
-               RFMVP_STORAGE_URL=f"sqlite:///{tmp_path / 'robots.db'}",
-               RFMVP_API_KEYS=f"ops:{ADMIN_KEY},alice:{USER_KEY}",
-               RFMVP_ADMIN_PRINCIPALS="ops", RFMVP_RATE_LIMIT="none",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"),
-                                                        env.get("PYTHONPATH")])))
-    proc = subprocess.Popen([sys.executable, str(SERVER)], cwd=tmp_path, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        yield Server(proc, f"http://127.0.0.1:{port}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+    with example_server(tmp_path, RFMVP_API_KEYS=f"ops:{ADMIN_KEY},alice:{USER_KEY}",
+                        RFMVP_ADMIN_PRINCIPALS="ops", RFMVP_RATE_LIMIT="none") as started:
+        yield started
 
 
 def _browse(chromium: str, profile: Path, *args: str, timeout: float = 60) -> str:

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,14 +71,20 @@ def free_port() -> int:
         return port
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+@contextmanager
+def example_server(tmp_path: Path, **env_changes: str) -> Iterator[Server]:
+    """``examples/server.py`` on a free port and a fresh SQLite file; killed afterwards.
+
+    The test's own RFMVP_* variables are dropped (so, unless given, there are no API keys
+    and the server prints a demo key).
+    """
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RFMVP_")}  # no API keys
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RFMVP_")}
     env.update(RFMVP_PORT=str(port), RFMVP_HOST="127.0.0.1", PYTHONUNBUFFERED="1",
                RFMVP_STORAGE_URL=f"sqlite:///{tmp_path / 'robots.db'}",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"),
                                                         env.get("PYTHONPATH")])))
+    env.update(env_changes)
     proc = subprocess.Popen([sys.executable, str(SERVER)], cwd=tmp_path, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -86,6 +93,12 @@ def server(tmp_path: Path) -> Iterator[Server]:
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    with example_server(tmp_path) as started:
+        yield started
 
 
 def test_server_runs_robots_and_stops_cleanly(server: Server) -> None:
