@@ -291,6 +291,34 @@ async def test_the_follow_up_is_created_with_the_completion_and_only_once(
     assert [r.id for r in children] == [child.id]
 
 
+async def test_a_batch_of_completions_creates_each_follow_up_under_its_own_lease(
+    driver: StorageDriver,
+) -> None:
+    parents = [make_robot(on_success=FollowUp("notify", {}), on_failure=FollowUp("alert", {}))
+               for _ in range(4)]
+    await driver.create_robots(parents)
+    claims = {c.robot.id: c for c in await driver.claim_robots(
+        module=parents[0].module or "ocr-fast", limit=4, worker="w1", now=utcnow(),
+        lease_expires_at=utcnow() + timedelta(seconds=30))}
+    assert len(claims) == 4
+    await driver.cancel_robot(parents[2].id, utcnow())  # its lease is gone
+    children = [child_of(parents[0], "on_success"), None, child_of(parents[2], "on_success"),
+                child_of(parents[3], "on_failure")]
+    statuses = [RobotStatus.SUCCEEDED, RobotStatus.SUCCEEDED, RobotStatus.SUCCEEDED,
+                RobotStatus.FAILED]
+    done = await driver.complete_many([
+        completed(claims[p.id], status, followup=child)
+        for p, status, child in zip(parents, statuses, children, strict=True)])
+    assert [None if d is None else d.status for d in done] == [
+        RobotStatus.SUCCEEDED, RobotStatus.SUCCEEDED, None, RobotStatus.FAILED]
+    made = [None if k is None else await driver.get_robot(k.id) for k in children]
+    assert [None if m is None else (m.parent_id, m.parent_trigger) for m in made] == [
+        (parents[0].id, "on_success"), None, None, (parents[3].id, "on_failure")]
+    ended = [[e.status for e in await driver.list_executions(p.id)] for p in parents]
+    assert ended == [[ExecutionStatus.SUCCEEDED], [ExecutionStatus.SUCCEEDED],
+                     [ExecutionStatus.CANCELLED], [ExecutionStatus.FAILED]]
+
+
 async def test_a_completion_whose_lease_is_lost_creates_no_follow_up(
     driver: StorageDriver,
 ) -> None:

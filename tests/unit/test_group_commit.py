@@ -52,7 +52,7 @@ async def test_completions_arriving_during_a_write_share_the_next_one() -> None:
         for i in range(6):
             tg.start_soon(complete, i)
         with anyio.fail_after(5):
-            while len(store.batches) < 1 or committer._queue.__len__() < 5:
+            while len(store.batches) < 1 or committer.queued < 5:
                 await anyio.lowlevel.checkpoint()
         store.release.set()
     assert store.batches == [["r0"], ["r1", "r2", "r3", "r4", "r5"]]

@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 _WRITE_BEHIND_SECONDS = 0.005
 
 
+def _without_lease(robot: Robot) -> Robot:
+    """A lease token never leaves the store."""
+    return robot if robot.lease_token is None else attrs.evolve(robot, lease_token=None)
+
+
 class CacheManager:
     def __init__(self, backend: CacheBackend, config: CacheConfig) -> None:
         self.backend = backend
@@ -42,8 +47,9 @@ class CacheManager:
         self._in_process = backend if isinstance(backend, MemoryBackend) else None
         # A shared backend gets robot states written behind the request path: the newest
         # state of each robot waits here (read back by this process) until ``run_writer``
-        # sends them all in one pipelined round trip.
-        self._pending: dict[str, bytes] = {}
+        # serializes them and sends them all in one round trip. A robot that moves on
+        # meanwhile (running, then succeeded) is serialized and sent once, in its newest state.
+        self._pending: dict[str, Robot] = {}
         self._pending_wake: anyio.Event | None = None
         self.breaker = CircuitBreaker(
             f"cache:{backend.name}",
@@ -138,9 +144,8 @@ class CacheManager:
         pending = self._pending.get(robot_id)
         if pending is not None:
             # Not yet in the shared cache: this process's own newest write (not a hit).
-            data = json.loads(pending)
-        else:
-            data = await self.get_json("robot", robot_id)
+            return _without_lease(pending)
+        data = await self.get_json("robot", robot_id)
         if data is None:
             return None
         try:
@@ -156,19 +161,22 @@ class CacheManager:
         if self._in_process is not None:
             ttl = self.config.ttl_robot_status
             for robot in robots:
-                stored = robot if robot.lease_token is None else attrs.evolve(
-                    robot, lease_token=None)  # a lease token never leaves the store
-                self._in_process.set_object(f"{self.prefix}robot:{robot.id}", stored, ttl)
+                self._in_process.set_object(f"{self.prefix}robot:{robot.id}",
+                                            _without_lease(robot), ttl)
             return
+        if self._pending_wake is not None:
+            for robot in robots:
+                self._pending[robot.id] = robot
+            self._pending_wake.set()
+            return
+        await self._write_robots(robots)
+
+    async def _write_robots(self, robots: Sequence[Robot]) -> None:
         items = []
         for robot in robots:
             data = converter.unstructure(robot)
             data["lease_token"] = None  # a lease token never leaves the store
             items.append((robot.id, json.dumps(data).encode()))
-        if self._pending_wake is not None:
-            self._pending.update(items)
-            self._pending_wake.set()
-            return
         await self.set_many_bytes("robot", items, self.config.ttl_robot_status)
 
     async def run_writer(self) -> None:
@@ -193,8 +201,8 @@ class CacheManager:
 
     async def _flush_pending(self) -> None:
         if self._pending:
-            items, self._pending = list(self._pending.items()), {}
-            await self.set_many_bytes("robot", items, self.config.ttl_robot_status)
+            robots, self._pending = list(self._pending.values()), {}
+            await self._write_robots(robots)
 
     # -- rate limits -------------------------------------------------------------------
 

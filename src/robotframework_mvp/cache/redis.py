@@ -54,6 +54,15 @@ _HEALTH_CHECK_INTERVAL = 30
 # Lua numbers become integers in a Redis reply, so times travel as '%.17g' strings,
 # which round-trip a double exactly. The fifth element is the server time the decision
 # was taken at (for diagnostics and conformance tests).
+#: set each KEYS[i] to ARGV[i + 1], expiring in ARGV[1] ms: one command for a batch, which
+#: costs the client far less than a pipeline of SETs (one reply to parse, not one per key)
+_SET_MANY_LUA = """
+for i, key in ipairs(KEYS) do
+    redis.call('SET', key, ARGV[i + 1], 'PX', ARGV[1])
+end
+return #KEYS
+"""
+
 _GCRA_LUA = """
 local count = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
@@ -109,6 +118,7 @@ class RedisBackend:
         self.client_name = client_name
         self._client: Redis | None = None
         self._gcra: AsyncScript | None = None
+        self._set_many: AsyncScript | None = None
 
     def __repr__(self) -> str:
         # Never show the URL: it may carry a password.
@@ -140,6 +150,7 @@ class RedisBackend:
         )
         self._client = Redis.from_pool(pool)  # the client owns and closes the pool
         self._gcra = self._client.register_script(_GCRA_LUA)
+        self._set_many = self._client.register_script(_SET_MANY_LUA)
         try:
             await self._client.ping()
         except Exception as exc:
@@ -151,7 +162,7 @@ class RedisBackend:
             )
 
     async def close(self) -> None:
-        client, self._client, self._gcra = self._client, None, None
+        client, self._client, self._gcra, self._set_many = self._client, None, None, None
         if client is not None:
             await client.aclose()
 
@@ -174,11 +185,11 @@ class RedisBackend:
         if ttl <= 0:
             await self.client.delete(*(key for key, _ in items))
             return
+        script = self._set_many
+        if script is None:
+            raise RuntimeError("RedisBackend is not open; call open() first")
         px = max(1, math.ceil(ttl * 1000))
-        async with self.client.pipeline(transaction=False) as pipe:
-            for key, value in items:
-                pipe.set(key, value, px=px)
-            await pipe.execute()
+        await script(keys=[key for key, _ in items], args=[px, *(value for _, value in items)])
 
     async def delete(self, *keys: str) -> None:
         if keys:

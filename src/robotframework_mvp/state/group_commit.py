@@ -20,13 +20,15 @@ __all__ = ["GroupCommitter"]
 WriteMany = Callable[[Sequence[Completion]], Awaitable[list[Robot | None]]]
 
 
-class _Slot:
-    __slots__ = ("completion", "done", "error", "robot")
+class _Batch:
+    """Completions waiting for the next write, and one event for all of them."""
 
-    def __init__(self, completion: Completion) -> None:
-        self.completion = completion
+    __slots__ = ("completions", "done", "error", "robots")
+
+    def __init__(self) -> None:
+        self.completions: list[Completion] = []
         self.done = anyio.Event()
-        self.robot: Robot | None = None
+        self.robots: list[Robot | None] = []
         self.error: BaseException | None = None
 
 
@@ -34,46 +36,58 @@ class GroupCommitter:
     def __init__(self, write_many: WriteMany, max_batch: int = 500) -> None:
         self.write_many = write_many
         self.max_batch = max_batch
-        self._queue: list[_Slot] = []
+        self._batches: list[_Batch] = []
         self._writing = False
         self.batches = 0
         self.written = 0
 
+    @property
+    def queued(self) -> int:
+        """Completions waiting for a write in flight to return."""
+        return sum(len(b.completions) for b in self._batches)
+
     async def complete(self, completion: Completion) -> Robot | None:
-        slot = _Slot(completion)
-        self._queue.append(slot)
-        if self._writing:
-            # A write is in flight: whoever finishes it writes this one with the rest.
-            await slot.done.wait()
-        else:
-            await self._drain()
-        if slot.error is not None:
-            raise slot.error
-        return slot.robot
+        if not self._writing:
+            # Nothing in flight: write this one at once, then whatever queued meanwhile.
+            self._writing = True
+            try:
+                robot = (await self._write([completion]))[0]
+            finally:
+                await self._drain()
+            return robot
+        # A write is in flight: whoever finishes it writes this one with the rest.
+        batch = self._batches[-1] if self._batches else None
+        if batch is None or len(batch.completions) >= self.max_batch:
+            batch = _Batch()
+            self._batches.append(batch)
+        index = len(batch.completions)
+        batch.completions.append(completion)
+        await batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+        return batch.robots[index]
+
+    async def _write(self, completions: list[Completion]) -> list[Robot | None]:
+        robots = await self.write_many(completions)
+        self.batches += 1
+        self.written += len(completions)
+        return robots
 
     async def _drain(self) -> None:
-        """Write queued completions, batch after batch, until the queue is empty."""
-        self._writing = True
+        """Write the queued batches in order until none is left, then stop writing."""
         try:
-            while self._queue:
-                batch, self._queue = (self._queue[:self.max_batch],
-                                      self._queue[self.max_batch:])
+            while self._batches:
+                batch = self._batches.pop(0)
                 try:
-                    robots = await self.write_many([s.completion for s in batch])
+                    batch.robots = await self._write(batch.completions)
                 except Exception as exc:
-                    for slot in batch:
-                        slot.error = exc
-                else:
-                    self.batches += 1
-                    self.written += len(batch)
-                    for slot, robot in zip(batch, robots, strict=True):
-                        slot.robot = robot
-                for slot in batch:
-                    slot.done.set()
+                    batch.error = exc
+                finally:
+                    batch.done.set()
         finally:
             self._writing = False
             # Cancelled mid-write (shutdown): release everyone still waiting.
-            for slot in self._queue:
-                slot.error = anyio.get_cancelled_exc_class()()
-                slot.done.set()
-            self._queue.clear()
+            for batch in self._batches:
+                batch.error = anyio.get_cancelled_exc_class()()
+                batch.done.set()
+            self._batches.clear()

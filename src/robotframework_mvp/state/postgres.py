@@ -246,18 +246,6 @@ class _CursorConnection:
         return await self.cursor.execute(query, params)
 
 
-def _child_params(child: Robot | None) -> dict[str, Any]:
-    """``complete_robot``'s parameters for the follow-up robot (all None without one)."""
-    return {
-        "child_id": None if child is None else child.id,
-        "child_kind": None if child is None else child.kind,
-        "child_payload": None if child is None else Jsonb(child.payload),
-        "child_module": None if child is None else child.module,
-        "child_max_attempts": None if child is None else child.max_attempts,
-        "child_trigger": None if child is None else child.parent_trigger,
-    }
-
-
 async def _insert_robots(conn: _Executor, robots: Sequence[Robot], channel: str | None
                          ) -> list[tuple[Robot, bool]]:
     """Insert robots on ``conn`` (in whatever transaction it is in); see create_robots."""
@@ -735,37 +723,36 @@ class PostgresDriver:
         return (await self.complete_many([completion]))[0]
 
     async def complete_many(self, completions: Sequence[Completion]) -> list[Robot | None]:
-        """One transaction; in pipeline mode the statements share one round trip."""
+        """One set-based statement for the whole batch: one round trip, one plan."""
         if not completions:
             return []
-        batch = [self._completion_params(c) for c in completions]
-        query = _Q["complete_robot"]
+        params = self._completion_columns(completions)
+        rows = await self._write(lambda c: _fetchall(c, _Q["complete_robots"], params))
+        by_id = {row["id"]: row for row in rows}
+        return [None if (row := by_id.get(c.robot_id)) is None else robot_from_row(row)
+                for c in completions]
 
-        async def run(conn: Connection) -> list[DictRow | None]:
-            if len(batch) == 1:
-                return [await _fetchone(conn, query, batch[0])]
-            async with conn.transaction():
-                async with conn.pipeline():
-                    cursors = [await conn.execute(query, params) for params in batch]
-                return [await cur.fetchone() for cur in cursors]
-
-        rows = await self._write(run)
-        return [None if row is None else robot_from_row(row) for row in rows]
-
-    def _completion_params(self, completion: Completion) -> dict[str, Any]:
+    def _completion_columns(self, completions: Sequence[Completion]) -> dict[str, Any]:
+        """``complete_robots``' array parameters (one array per column)."""
+        children = [c.followup for c in completions]
         return {
-            "id": completion.robot_id,
-            "lease_token": completion.lease_token,
-            "status": str(completion.status),
-            "execution_status": str(completion.execution_status),
-            "result": None if completion.result is None else Jsonb(completion.result),
-            "error": _error_jsonb(completion.error),
-            "now": completion.finished_at,
-            "duration_ms": float(completion.duration_ms),
-            "scheduled_at": completion.scheduled_at,
-            "module": completion.module,
+            "ids": [c.robot_id for c in completions],
+            "tokens": [c.lease_token for c in completions],
+            "statuses": [str(c.status) for c in completions],
+            "execution_statuses": [str(c.execution_status) for c in completions],
+            "results": [None if c.result is None else Jsonb(c.result) for c in completions],
+            "errors": [_error_jsonb(c.error) for c in completions],
+            "finished_at": [c.finished_at for c in completions],
+            "durations": [float(c.duration_ms) for c in completions],
+            "scheduled_at": [c.scheduled_at for c in completions],
+            "modules": [c.module for c in completions],
+            "child_ids": [None if k is None else k.id for k in children],
+            "child_kinds": [None if k is None else k.kind for k in children],
+            "child_payloads": [None if k is None else Jsonb(k.payload) for k in children],
+            "child_modules": [None if k is None else k.module for k in children],
+            "child_max_attempts": [None if k is None else k.max_attempts for k in children],
+            "child_triggers": [None if k is None else k.parent_trigger for k in children],
             "channel": self.channel,
-            **_child_params(completion.followup),
         }
 
     async def cancel_robot(self, robot_id: str, now: datetime) -> Robot | None:

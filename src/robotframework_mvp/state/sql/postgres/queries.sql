@@ -116,41 +116,57 @@ RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_m
               updated_at, started_at, finished_at, scheduled_at, lease_token,
               lease_expires_at, parent_id, parent_trigger, schedule_id, followups;
 
--- name: complete_robot
--- End an attempt: terminal status, or back to queued for a retry; and its execution.
-WITH done AS (
-    UPDATE robots
-    SET status = %(status)s::text,
-        result = %(result)s::jsonb,
-        error = %(error)s::jsonb,
-        progress = CASE WHEN %(status)s::text = 'succeeded' THEN 100 ELSE progress END,
-        finished_at = CASE WHEN %(status)s::text = 'queued' THEN NULL ELSE %(now)s END,
-        scheduled_at = COALESCE(%(scheduled_at)s::timestamptz, scheduled_at),
-        module = COALESCE(%(module)s::text, module),
+-- name: complete_robots
+-- End a batch of attempts in one statement: each robot to its terminal status, or back
+-- to queued for a retry; its execution; a chain's follow-up. A row whose lease is gone
+-- (cancelled, reaped, completed already) matches nothing and comes back absent.
+WITH input AS (
+    SELECT * FROM unnest(
+        %(ids)s::text[], %(tokens)s::text[], %(statuses)s::text[],
+        %(execution_statuses)s::text[], %(results)s::jsonb[], %(errors)s::jsonb[],
+        %(finished_at)s::timestamptz[], %(durations)s::float8[],
+        %(scheduled_at)s::timestamptz[], %(modules)s::text[], %(child_ids)s::text[],
+        %(child_kinds)s::text[], %(child_payloads)s::jsonb[], %(child_modules)s::text[],
+        %(child_max_attempts)s::integer[], %(child_triggers)s::text[]
+    ) AS t(id, token, status, execution_status, result, error, now, duration_ms,
+           scheduled_at, module, child_id, child_kind, child_payload, child_module,
+           child_max_attempts, child_trigger)
+), done AS (
+    UPDATE robots r
+    SET status = i.status,
+        result = i.result,
+        error = i.error,
+        progress = CASE WHEN i.status = 'succeeded' THEN 100 ELSE r.progress END,
+        finished_at = CASE WHEN i.status = 'queued' THEN NULL ELSE i.now END,
+        scheduled_at = COALESCE(i.scheduled_at, r.scheduled_at),
+        module = COALESCE(i.module, r.module),
         lease_token = NULL,
         lease_expires_at = NULL,
-        updated_at = %(now)s
-    WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'running'
-    RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
-              attempts, max_attempts, priority, idempotency_key, result, error, created_at,
-              updated_at, started_at, finished_at, scheduled_at, lease_token,
-              lease_expires_at, parent_id, parent_trigger, schedule_id, followups
+        updated_at = i.now
+    FROM input i
+    WHERE r.id = i.id AND r.lease_token = i.token AND r.status = 'running'
+    RETURNING r.id, r.kind, r.payload, r.owner, r.tenant, r.status, r.module, r.progress,
+              r.progress_message, r.attempts, r.max_attempts, r.priority,
+              r.idempotency_key, r.result, r.error, r.created_at, r.updated_at,
+              r.started_at, r.finished_at, r.scheduled_at, r.lease_token,
+              r.lease_expires_at, r.parent_id, r.parent_trigger, r.schedule_id, r.followups
 ), execution AS (
-    UPDATE executions
-    SET status = %(execution_status)s, finished_at = %(now)s, duration_ms = %(duration_ms)s,
-        error = %(error)s::jsonb
-    WHERE id = %(lease_token)s AND status = 'running' AND EXISTS (SELECT 1 FROM done)
+    UPDATE executions e
+    SET status = i.execution_status, finished_at = i.now, duration_ms = i.duration_ms,
+        error = i.error
+    FROM input i JOIN done ON done.id = i.id
+    WHERE e.id = i.token AND e.status = 'running'
 ), child AS (
-    -- The follow-up of a chain, created with the completion or not at all; the unique
+    -- A chain's follow-up, created with the completion or not at all; the unique
     -- (parent_id, parent_trigger) index makes a duplicate completion create nothing.
     INSERT INTO robots (id, kind, payload, owner, tenant, status, module, max_attempts,
                         priority, created_at, updated_at, scheduled_at, parent_id,
                         parent_trigger)
-    SELECT %(child_id)s::text, %(child_kind)s::text, %(child_payload)s::jsonb,
-           done.owner, done.tenant, 'queued', %(child_module)s::text,
-           %(child_max_attempts)s::integer, done.priority, %(now)s, %(now)s, %(now)s,
-           done.id, %(child_trigger)s::text
-    FROM done WHERE %(child_id)s::text IS NOT NULL
+    SELECT i.child_id, i.child_kind, i.child_payload, done.owner, done.tenant, 'queued',
+           i.child_module, i.child_max_attempts, done.priority, i.now, i.now, i.now,
+           done.id, i.child_trigger
+    FROM input i JOIN done ON done.id = i.id
+    WHERE i.child_id IS NOT NULL
     ON CONFLICT DO NOTHING
     RETURNING id
 ), wake AS (
