@@ -57,6 +57,9 @@ class _Running:
     #: the module has returned and its completion is being written: a lease the heartbeat
     #: finds gone now was most likely released by that very write
     completing: bool = False
+    #: the robot holds one of the worker's ``concurrency`` slots (and one of its module's
+    #: ``capacity``): from its claim until its module returns
+    in_slot: bool = True
 
 
 def _error_info(exc: BaseException) -> ErrorInfo:
@@ -96,12 +99,25 @@ class Worker:
         self._due_checked_at = float("-inf")
         self._stopping = False
         self._idle = anyio.Event()
+        #: robots whose module is running: what ``concurrency`` bounds
+        self.executing = 0
         self.claimed = 0
         self.completed = 0
 
     @property
     def concurrency(self) -> int:
         return self.settings.worker.concurrency
+
+    def _free_slots(self) -> int:
+        """How many more robots to claim now.
+
+        A slot frees when its module returns, while the completion is still being written,
+        so the next claim overlaps that write (and a batch of completions under group
+        commit does not split the next claim into pieces). Robots whose completion is in
+        flight keep their leases (the heartbeat renews them); at most three times
+        ``concurrency`` of them, so a store that takes writes slowly slows claiming too.
+        """
+        return min(self.concurrency - self.executing, 4 * self.concurrency - len(self.running))
 
     def wake(self, *, check_due: bool = False) -> None:
         """New work may be due: stop sleeping and look.
@@ -167,7 +183,7 @@ class Worker:
                             continue
                         module_free = min(module_free, permits)
                 ready.append(name)
-                free = self.concurrency - len(self.running)
+                free = self._free_slots()
                 if free <= 0:
                     continue
                 requested = min(free, module_free)
@@ -182,7 +198,7 @@ class Worker:
                     self._start(robots_tg, claim)
                 full = full or len(claims) == requested
             start += 1
-            if full and len(self.running) < self.concurrency:
+            if full and self._free_slots() > 0:
                 continue  # a claim came back full: there may be more due work
             await self._sleep(ready)
 
@@ -190,7 +206,7 @@ class Worker:
         poll = self.settings.worker.poll_interval
         timeout = poll
         modules = list(self.modules) if ready is None else list(ready)
-        if len(self.running) < self.concurrency and modules:
+        if self._free_slots() > 0 and modules:
             now = time.monotonic()
             if now - self._due_checked_at >= poll:
                 self._due_checked_at = now
@@ -216,6 +232,7 @@ class Worker:
         ticket = None if self.circuits is None else self.circuits.admit(claim.execution.module)
         self.running[claim.robot.id] = _Running(claim=claim, scope=scope, ticket=ticket)
         self.stats[claim.execution.module].load += 1
+        self.executing += 1
         self.claimed += 1
         tg.start_soon(self._execute, claim, scope)
 
@@ -268,6 +285,7 @@ class Worker:
                     error = _error_info(exc)
                     permanent = isinstance(exc, PermanentError)
             duration_ms = (time.perf_counter() - started) * 1000
+            self._leave_slot(running, module)
             circuits = self.circuits
             if scope.cancelled_caught or running.lease_lost or running.cancelled:
                 # Cancelled by request or lease lost: the store already says what happened.
@@ -287,14 +305,25 @@ class Worker:
                 await self._complete(robot, token, module, result, error, timed_out,
                                      duration_ms, retryable=not permanent)
         finally:
-            stats = self.stats[module.name]
-            was_full = stats.load >= module.capacity or len(self.running) >= self.concurrency
-            stats.load -= 1
+            self._leave_slot(running, module)
+            was_full = self._free_slots() <= 0
             self.running.pop(robot.id, None)
-            if was_full:
-                self._wake.set()  # a slot opened where there was none: claim again
+            if was_full and self._free_slots() > 0:
+                self._wake.set()  # room opened where there was none: claim again
             if not self.running:
                 self._idle.set()
+
+    def _leave_slot(self, running: _Running, module: Module) -> None:
+        """The module returned (or the robot ended without it): free its slot, once."""
+        if not running.in_slot:
+            return
+        running.in_slot = False
+        stats = self.stats[module.name]
+        was_full = stats.load >= module.capacity or self._free_slots() <= 0
+        stats.load -= 1
+        self.executing -= 1
+        if was_full:
+            self._wake.set()  # a slot opened where there was none: claim again
 
     async def _complete(
         self, robot: Robot, token: str, module: Module, result: dict[str, object] | None,

@@ -1161,6 +1161,58 @@ async def test_shutdown_lets_a_robot_finish_within_the_grace_period(sqlite_url: 
     assert [e.status for e in executions] == [ExecutionStatus.SUCCEEDED]
 
 
+class HeldCompletions(SQLiteDriver):
+    """The real SQLite driver, whose completion writes wait until the test lets them go."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.writing = anyio.Event()
+        self.release = anyio.Event()
+
+    async def complete_many(self, completions: Any) -> list[Robot | None]:
+        self.writing.set()
+        await self.release.wait()
+        return await super().complete_many(completions)
+
+
+async def test_a_slot_frees_when_its_module_returns_while_the_completion_is_written(
+    sqlite_url: str,
+) -> None:
+    driver = HeldCompletions(sqlite_url)
+
+    class Store:
+        @hookimpl
+        def storage_driver(self, url: str, settings: Settings) -> SQLiteDriver:
+            return driver
+
+    ran: list[int] = []
+    both_ran = anyio.Event()
+
+    @module("stamp", capacity=1)
+    async def stamp(robot: Robot, ctx: ModuleContext) -> dict[str, Any]:
+        ran.append(robot.payload["n"])
+        if len(ran) == 2:
+            both_ran.set()
+        return {"n": robot.payload["n"]}
+
+    settings = flow_settings(sqlite_url, worker={"concurrency": 1})
+    async with Orchestrator(settings, modules=[stamp], plugins=[Store()]) as orch:
+        first = await orch.submit("stamp", {"n": 1}, api_key=TEST_API_KEY)
+        second = await orch.submit("stamp", {"n": 2}, api_key=TEST_API_KEY)
+        try:
+            with anyio.fail_after(10):
+                await driver.writing.wait()
+                # The first robot's completion is held; the one slot already runs the next.
+                await both_ran.wait()
+            assert (await orch.get(first.id, api_key=TEST_API_KEY)).status is RUNNING
+        finally:
+            driver.release.set()
+        done = [await orch.wait(r.id, api_key=TEST_API_KEY, timeout=10) for r in (first, second)]
+    assert [(r.status, r.result, r.attempts) for r in done] == [
+        (SUCCEEDED, {"n": 1}, 1), (SUCCEEDED, {"n": 2}, 1)]
+    assert ran == [1, 2]
+
+
 async def test_a_worker_that_lost_its_lease_writes_nothing_more(sqlite_url: str) -> None:
     started = anyio.Event()
     go = anyio.Event()
