@@ -226,15 +226,20 @@ class CacheConfig:
                       "The cache backend; the scheme picks it."),
     )
     max_entries: int = attrs.field(
-        default=100_000, metadata=_var("RFMVP_CACHE_MAX_ENTRIES", _parse_positive_int, _POS_INT,
-                                       "Bound of the in-memory cache (least recently used "
-                                       "entries go first)."))
+        default=10_000, metadata=_var("RFMVP_CACHE_MAX_ENTRIES", _parse_positive_int, _POS_INT,
+                                      "Bound of the in-memory cache (least recently used "
+                                      "entries go first); about 2.5 KB of memory each."))
     key_prefix: str = attrs.field(
         default="rfmvp:", metadata=_var("RFMVP_CACHE_KEY_PREFIX", str, "any text",
                                         "Prefix of every cache key (share one Redis safely)."))
     ttl_robot_status: float = attrs.field(
         default=30.0, metadata=_var("RFMVP_CACHE_TTL_ROBOT_STATUS", _parse_positive_float,
-                                    _POS_FLOAT, "How long a robot's status stays cached."))
+                                    _POS_FLOAT, "How long the status of a robot that has "
+                                    "not finished stays cached."))
+    ttl_robot_finished: float = attrs.field(
+        default=5.0, metadata=_var("RFMVP_CACHE_TTL_ROBOT_FINISHED", _parse_positive_float,
+                                   _POS_FLOAT, "How long a finished robot stays cached (it "
+                                   "no longer changes; reads after that go to the store)."))
     ttl_module_choice: float = attrs.field(
         default=1.0, metadata=_var("RFMVP_CACHE_TTL_MODULE_CHOICE", _parse_positive_float,
                                    _POS_FLOAT, "How long scored module candidates for a kind "

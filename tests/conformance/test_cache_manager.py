@@ -108,6 +108,26 @@ async def test_a_cached_robot_comes_back_equal_but_without_its_lease_token(
         assert raw == attrs.evolve(robot, lease_token=None)
 
 
+async def test_a_finished_robot_leaves_the_cache_long_before_one_still_running(
+    cache_url: str, redis_prefix: str,
+) -> None:
+    backend = BuiltinPlugin().cache_backend(cache_url, Settings())
+    assert backend is not None
+    await backend.open()
+    try:
+        manager = CacheManager(backend, CacheConfig(
+            key_prefix=redis_prefix, ttl_robot_status=60.0, ttl_robot_finished=0.05))
+        running = a_robot(lease_token=None)
+        finished = a_robot(lease_token=None, status=RobotStatus.SUCCEEDED)
+        await manager.set_robots([running, finished])
+        assert await manager.get_robot(finished.id) == finished
+        await anyio.sleep(0.2)  # four times the finished robot's TTL: it has expired
+        assert await manager.get_robot(finished.id) is None
+        assert await manager.get_robot(running.id) == running
+    finally:
+        await backend.close()
+
+
 async def test_the_manager_counts_hits_and_misses_per_namespace(manager: CacheManager) -> None:
     robot = a_robot(lease_token=None)
     assert await manager.get_robot(robot.id) is None

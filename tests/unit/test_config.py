@@ -50,6 +50,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "RFMVP_CACHE_MAX_ENTRIES": ("500", 500),
     "RFMVP_CACHE_KEY_PREFIX": ("app1:", "app1:"),
     "RFMVP_CACHE_TTL_ROBOT_STATUS": ("12", 12.0),
+    "RFMVP_CACHE_TTL_ROBOT_FINISHED": ("2", 2.0),
     "RFMVP_CACHE_TTL_MODULE_CHOICE": ("0.5", 0.5),
     "RFMVP_CACHE_TTL_STATS": ("3", 3.0),
     "RFMVP_API_KEYS": (f"alice:{SECRET}, bob:another-key-123",

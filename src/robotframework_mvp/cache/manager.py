@@ -159,10 +159,9 @@ class CacheManager:
     async def set_robots(self, robots: Sequence[Robot]) -> None:
         """Cache robots' current state in one round trip (never their lease tokens)."""
         if self._in_process is not None:
-            ttl = self.config.ttl_robot_status
             for robot in robots:
                 self._in_process.set_object(f"{self.prefix}robot:{robot.id}",
-                                            _without_lease(robot), ttl)
+                                            _without_lease(robot), self._ttl(robot))
             return
         if self._pending_wake is not None:
             for robot in robots:
@@ -171,13 +170,21 @@ class CacheManager:
             return
         await self._write_robots(robots)
 
+    def _ttl(self, robot: Robot) -> float:
+        """A robot still moving is read often; a finished one rarely (and keeps in the store)."""
+        config = self.config
+        return config.ttl_robot_finished if robot.status.is_terminal \
+            else config.ttl_robot_status
+
     async def _write_robots(self, robots: Sequence[Robot]) -> None:
-        items = []
+        by_ttl: dict[float, list[tuple[str, bytes]]] = {}
         for robot in robots:
             data = converter.unstructure(robot)
             data["lease_token"] = None  # a lease token never leaves the store
-            items.append((robot.id, json.dumps(data).encode()))
-        await self.set_many_bytes("robot", items, self.config.ttl_robot_status)
+            by_ttl.setdefault(self._ttl(robot), []).append(
+                (robot.id, json.dumps(data).encode()))
+        for ttl, items in by_ttl.items():
+            await self.set_many_bytes("robot", items, ttl)
 
     async def run_writer(self) -> None:
         """Write robot states behind the request path until cancelled (then flush)."""

@@ -20,7 +20,7 @@ def _expires(_key: str, value: tuple[Any, float], now: float) -> float:
 class MemoryBackend:
     name = "memory"
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(self, max_entries: int = 10_000) -> None:
         self._entries: TLRUCache[str, tuple[bytes, float]] = TLRUCache(
             maxsize=max_entries, ttu=_expires, timer=time.monotonic
         )
