@@ -726,11 +726,33 @@ class PostgresDriver:
         """One set-based statement for the whole batch: one round trip, one plan."""
         if not completions:
             return []
-        params = self._completion_columns(completions)
-        rows = await self._write(lambda c: _fetchall(c, _Q["complete_robots"], params))
+        if len(completions) == 1:
+            params = self._completion_params(completions[0])
+            rows = await self._write(lambda c: _fetchall(c, _Q["complete_robot"], params))
+        else:
+            params = self._completion_columns(completions)
+            rows = await self._write(lambda c: _fetchall(c, _Q["complete_robots"], params))
         by_id = {row["id"]: row for row in rows}
         return [None if (row := by_id.get(c.robot_id)) is None else robot_from_row(row)
                 for c in completions]
+
+    def _completion_params(self, c: Completion) -> dict[str, Any]:
+        """``complete_robot``'s parameters for one completion."""
+        child = c.followup
+        return {
+            "id": c.robot_id, "lease_token": c.lease_token, "status": str(c.status),
+            "execution_status": str(c.execution_status),
+            "result": None if c.result is None else Jsonb(c.result),
+            "error": _error_jsonb(c.error), "now": c.finished_at,
+            "duration_ms": float(c.duration_ms), "scheduled_at": c.scheduled_at,
+            "module": c.module, "channel": self.channel,
+            "child_id": None if child is None else child.id,
+            "child_kind": None if child is None else child.kind,
+            "child_payload": None if child is None else Jsonb(child.payload),
+            "child_module": None if child is None else child.module,
+            "child_max_attempts": None if child is None else child.max_attempts,
+            "child_trigger": None if child is None else child.parent_trigger,
+        }
 
     def _completion_columns(self, completions: Sequence[Completion]) -> dict[str, Any]:
         """``complete_robots``' array parameters (one array per column)."""

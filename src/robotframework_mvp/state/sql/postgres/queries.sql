@@ -176,6 +176,51 @@ WITH input AS (
 SELECT done.*, (SELECT count(*) FROM wake) AS woken, (SELECT count(*) FROM child) AS children
 FROM done;
 
+-- name: complete_robot
+-- complete_robots for one attempt (the common case when idle), without the arrays: the
+-- same writes, planned and run faster for a single row. Keep the two in step.
+WITH done AS (
+    UPDATE robots
+    SET status = %(status)s::text,
+        result = %(result)s::jsonb,
+        error = %(error)s::jsonb,
+        progress = CASE WHEN %(status)s::text = 'succeeded' THEN 100 ELSE progress END,
+        finished_at = CASE WHEN %(status)s::text = 'queued' THEN NULL ELSE %(now)s END,
+        scheduled_at = COALESCE(%(scheduled_at)s::timestamptz, scheduled_at),
+        module = COALESCE(%(module)s::text, module),
+        lease_token = NULL,
+        lease_expires_at = NULL,
+        updated_at = %(now)s
+    WHERE id = %(id)s AND lease_token = %(lease_token)s AND status = 'running'
+    RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
+              attempts, max_attempts, priority, idempotency_key, result, error, created_at,
+              updated_at, started_at, finished_at, scheduled_at, lease_token,
+              lease_expires_at, parent_id, parent_trigger, schedule_id, followups
+), execution AS (
+    UPDATE executions
+    SET status = %(execution_status)s, finished_at = %(now)s, duration_ms = %(duration_ms)s,
+        error = %(error)s::jsonb
+    WHERE id = %(lease_token)s AND status = 'running' AND EXISTS (SELECT 1 FROM done)
+), child AS (
+    -- The follow-up of a chain, created with the completion or not at all; the unique
+    -- (parent_id, parent_trigger) index makes a duplicate completion create nothing.
+    INSERT INTO robots (id, kind, payload, owner, tenant, status, module, max_attempts,
+                        priority, created_at, updated_at, scheduled_at, parent_id,
+                        parent_trigger)
+    SELECT %(child_id)s::text, %(child_kind)s::text, %(child_payload)s::jsonb,
+           done.owner, done.tenant, 'queued', %(child_module)s::text,
+           %(child_max_attempts)s::integer, done.priority, %(now)s, %(now)s, %(now)s,
+           done.id, %(child_trigger)s::text
+    FROM done WHERE %(child_id)s::text IS NOT NULL
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), wake AS (
+    SELECT pg_notify(%(channel)s, '')
+    WHERE EXISTS (SELECT 1 FROM done WHERE status = 'queued') OR EXISTS (SELECT 1 FROM child)
+)
+SELECT done.*, (SELECT count(*) FROM wake) AS woken, (SELECT count(*) FROM child) AS children
+FROM done;
+
 -- name: cancel_robot
 WITH cancelled AS (
     UPDATE robots
