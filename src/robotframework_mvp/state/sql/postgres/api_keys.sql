@@ -40,5 +40,5 @@ RETURNING id, prefix, digest, principal, tenant, scopes, created_at, expires_at,
 -- name: touch_api_keys
 -- Last use only moves forward (batches from several processes may arrive out of order).
 UPDATE api_keys k SET last_used_at = u.used_at
-FROM unnest(%(prefixes)s::text[], %(used_at)s::timestamptz[]) AS u(prefix, used_at)
+FROM unnest(%(prefixes)b::text[], %(used_at)b::timestamptz[]) AS u(prefix, used_at)
 WHERE k.prefix = u.prefix AND (k.last_used_at IS NULL OR k.last_used_at < u.used_at);

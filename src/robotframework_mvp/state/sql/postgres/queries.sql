@@ -8,12 +8,12 @@
 -- Insert a batch; rows whose id or (owner, idempotency_key) exist already are skipped.
 WITH input AS (
     SELECT * FROM unnest(
-        %(ids)s::text[], %(kinds)s::text[], %(payloads)s::jsonb[], %(owners)s::text[],
-        %(tenants)s::text[], %(statuses)s::text[], %(modules)s::text[],
-        %(max_attempts)s::integer[], %(priorities)s::integer[], %(idempotency_keys)s::text[],
-        %(created_at)s::timestamptz[], %(updated_at)s::timestamptz[],
-        %(scheduled_at)s::timestamptz[], %(parent_ids)s::text[], %(parent_triggers)s::text[],
-        %(schedule_ids)s::text[], %(followups)s::jsonb[]
+        %(ids)b::text[], %(kinds)b::text[], %(payloads)b::jsonb[], %(owners)b::text[],
+        %(tenants)b::text[], %(statuses)b::text[], %(modules)b::text[],
+        %(max_attempts)b::integer[], %(priorities)b::integer[], %(idempotency_keys)b::text[],
+        %(created_at)b::timestamptz[], %(updated_at)b::timestamptz[],
+        %(scheduled_at)b::timestamptz[], %(parent_ids)b::text[], %(parent_triggers)b::text[],
+        %(schedule_ids)b::text[], %(followups)b::jsonb[]
     ) WITH ORDINALITY AS t(id, kind, payload, owner, tenant, status, module, max_attempts,
                            priority, idempotency_key, created_at, updated_at, scheduled_at,
                            parent_id, parent_trigger, schedule_id, followups, n)
@@ -41,7 +41,7 @@ SELECT id, kind, payload, owner, tenant, status, module, progress, progress_mess
        max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
        started_at, finished_at, scheduled_at, lease_token, lease_expires_at, parent_id,
        parent_trigger, schedule_id, followups
-FROM robots WHERE id = ANY(%(ids)s::text[])
+FROM robots WHERE id = ANY(%(ids)b::text[])
 UNION ALL
 SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
        max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
@@ -49,8 +49,8 @@ SELECT id, kind, payload, owner, tenant, status, module, progress, progress_mess
        parent_trigger, schedule_id, followups
 FROM robots
 WHERE (owner, idempotency_key) IN (
-    SELECT * FROM unnest(%(owners)s::text[], %(idempotency_keys)s::text[]))
-  AND NOT id = ANY(%(ids)s::text[]);
+    SELECT * FROM unnest(%(owners)b::text[], %(idempotency_keys)b::text[]))
+  AND NOT id = ANY(%(ids)b::text[]);
 
 -- name: get_robot
 SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
@@ -102,7 +102,7 @@ SELECT * FROM claimed ORDER BY priority DESC, scheduled_at, id;
 
 -- name: renew_leases
 UPDATE robots r SET lease_expires_at = %(lease_expires_at)s
-FROM unnest(%(ids)s::text[], %(tokens)s::text[]) AS l(id, token)
+FROM unnest(%(ids)b::text[], %(tokens)b::text[]) AS l(id, token)
 WHERE r.id = l.id AND r.lease_token = l.token AND r.status = 'running'
 RETURNING r.id;
 
@@ -122,12 +122,12 @@ RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_m
 -- (cancelled, reaped, completed already) matches nothing and comes back absent.
 WITH input AS (
     SELECT * FROM unnest(
-        %(ids)s::text[], %(tokens)s::text[], %(statuses)s::text[],
-        %(execution_statuses)s::text[], %(results)s::jsonb[], %(errors)s::jsonb[],
-        %(finished_at)s::timestamptz[], %(durations)s::float8[],
-        %(scheduled_at)s::timestamptz[], %(modules)s::text[], %(child_ids)s::text[],
-        %(child_kinds)s::text[], %(child_payloads)s::jsonb[], %(child_modules)s::text[],
-        %(child_max_attempts)s::integer[], %(child_triggers)s::text[]
+        %(ids)b::text[], %(tokens)b::text[], %(statuses)b::text[],
+        %(execution_statuses)b::text[], %(results)b::jsonb[], %(errors)b::jsonb[],
+        %(finished_at)b::timestamptz[], %(durations)s::float8[],
+        %(scheduled_at)b::timestamptz[], %(modules)b::text[], %(child_ids)b::text[],
+        %(child_kinds)b::text[], %(child_payloads)b::jsonb[], %(child_modules)b::text[],
+        %(child_max_attempts)b::integer[], %(child_triggers)b::text[]
     ) AS t(id, token, status, execution_status, result, error, now, duration_ms,
            scheduled_at, module, child_id, child_kind, child_payload, child_module,
            child_max_attempts, child_trigger)
@@ -246,7 +246,7 @@ WITH released AS (
     UPDATE robots r
     SET status = 'queued', attempts = r.attempts - 1, lease_token = NULL,
         lease_expires_at = NULL, scheduled_at = %(now)s, updated_at = %(now)s
-    FROM unnest(%(ids)s::text[], %(tokens)s::text[]) AS l(id, token)
+    FROM unnest(%(ids)b::text[], %(tokens)b::text[]) AS l(id, token)
     WHERE r.id = l.id AND r.lease_token = l.token AND r.status = 'running'
     RETURNING l.token
 ), execution AS (
@@ -315,7 +315,7 @@ SELECT requeued.*, (SELECT count(*) FROM wake) AS woken FROM requeued;
 
 -- name: next_due_at
 SELECT MIN(scheduled_at) AS due FROM robots
-WHERE status = 'queued' AND module = ANY(%(modules)s::text[]);
+WHERE status = 'queued' AND module = ANY(%(modules)b::text[]);
 
 -- name: list_executions
 SELECT id, robot_id, module, attempt, status, worker, started_at, finished_at, duration_ms,

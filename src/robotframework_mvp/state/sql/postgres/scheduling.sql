@@ -22,11 +22,11 @@ WITH ins AS (
                         priority, created_at, updated_at, scheduled_at, parent_id,
                         parent_trigger)
     SELECT * FROM unnest(
-        %(ids)s::text[], %(kinds)s::text[], %(payloads)s::jsonb[], %(owners)s::text[],
-        %(tenants)s::text[], %(statuses)s::text[], %(modules)s::text[],
-        %(max_attempts)s::integer[], %(priorities)s::integer[],
-        %(created_at)s::timestamptz[], %(updated_at)s::timestamptz[],
-        %(scheduled_at)s::timestamptz[], %(parent_ids)s::text[], %(parent_triggers)s::text[])
+        %(ids)b::text[], %(kinds)b::text[], %(payloads)b::jsonb[], %(owners)b::text[],
+        %(tenants)b::text[], %(statuses)b::text[], %(modules)b::text[],
+        %(max_attempts)b::integer[], %(priorities)b::integer[],
+        %(created_at)b::timestamptz[], %(updated_at)b::timestamptz[],
+        %(scheduled_at)b::timestamptz[], %(parent_ids)b::text[], %(parent_triggers)b::text[])
     ON CONFLICT DO NOTHING
     RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
               attempts, max_attempts, priority, idempotency_key, result, error, created_at,
@@ -99,10 +99,10 @@ RETURNING id;
 -- robot. Only the robots whose fire row went in are inserted, in the same statement.
 WITH input AS (
     SELECT * FROM unnest(
-        %(due_at)s::timestamptz[], %(robot_ids)s::text[], %(late)s::boolean[],
-        %(covers)s::integer[], %(kinds)s::text[], %(payloads)s::jsonb[], %(owners)s::text[],
-        %(tenants)s::text[], %(modules)s::text[], %(max_attempts)s::integer[],
-        %(priorities)s::integer[]
+        %(due_at)b::timestamptz[], %(robot_ids)b::text[], %(late)b::boolean[],
+        %(covers)b::integer[], %(kinds)b::text[], %(payloads)b::jsonb[], %(owners)b::text[],
+        %(tenants)b::text[], %(modules)b::text[], %(max_attempts)b::integer[],
+        %(priorities)b::integer[]
     ) AS t(due_at, robot_id, late, covers, kind, payload, owner, tenant, module,
            max_attempts, priority)
 ), fired AS (
