@@ -383,3 +383,25 @@ def test_detector_works_on_a_real_tracker_snapshot() -> None:
     [alert] = detector.evaluate(tracker.snapshot())
     assert alert.active
     assert alert.to_dict()["key"] == "latency:module.process"
+
+
+def test_a_tracer_that_records_nothing_costs_no_span_and_a_real_one_gets_each_step() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from robotframework_mvp.tracing import is_noop, start_span
+
+    assert is_noop(trace.NoOpTracer())
+    assert start_span(trace.NoOpTracer(), "module.process") is None
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracker = PerformanceTracker(tracer=provider.get_tracer("test"))
+    assert tracker.tracer is not None
+    assert not is_noop(tracker.tracer)
+    with tracker.measure("state.complete_robot"):
+        pass
+    assert [s.name for s in exporter.get_finished_spans()] == ["state.complete_robot"]
