@@ -61,6 +61,7 @@ from .security.validator import (
     SecurityValidator,
     SubmitRequest,
 )
+from .state.driver import Claim
 from .state.manager import StateManager
 from .worker import Worker
 
@@ -332,7 +333,14 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                 api_key, info, requests)
             await self.circuits.refresh_shared()  # other processes' open circuits
             robots = [self._new_robot(item, principal) for item in sanitized]
-            if connection is not None and in_transaction is not None:
+            claim = None
+            if connection is None and len(robots) == 1:
+                claim = await self._create_claimed(robots[0])
+            if claim is not None:
+                # Created queued and claimed in the same write: the caller and the hooks
+                # see it as created; the worker's claim follows (cache: running).
+                created = [(robots[0], True)]
+            elif connection is not None and in_transaction is not None:
                 # Not cached and no hook: the robot exists only if the caller commits.
                 with self.tracker.measure("state.create_robot"):
                     created = await in_transaction(connection, robots)
@@ -349,7 +357,9 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                               request_id=info.request_id, details={"kind": robot.kind})
             if is_new and connection is None:
                 await self._call_observers("on_robot_created", robot=robot)
-        if connection is None:
+        if claim is not None:
+            await self.worker.start_reserved(claim)
+        elif connection is None:
             new = [robot for robot, is_new in created if is_new]
             if new:
                 later = [r.scheduled_at for r in new if r.scheduled_at > utcnow()]
@@ -358,6 +368,27 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                 if len(later) < len(new):
                     self.worker.wake()
         return [robot for robot, _ in created]
+
+    async def _create_claimed(self, robot: Robot) -> Claim | None:
+        """Create ``robot`` already claimed when this process's worker can start it now.
+
+        One write instead of two (create, then claim), and no wake-up in between: the
+        path of a robot submitted to an idle worker. None: create it queued as usual.
+        """
+        module = robot.module
+        if (module is None or robot.idempotency_key is not None
+                or robot.scheduled_at > utcnow() or not self.state.can_create_and_claim
+                or not self.worker.reserve(module)):
+            return None
+        try:
+            claim = await self.state.create_and_claim(
+                robot, self.worker.id, self.settings.worker.lease_seconds)
+        except BaseException:
+            self.worker.unreserve(module)
+            raise
+        if claim is None:  # its id exists: a retried write; the usual path finds it
+            self.worker.unreserve(module)
+        return claim
 
     def _new_robot(self, item: SanitizedRequest, principal: Principal) -> Robot:
         """Step 2 (module selection) and the robot row that step 3 writes."""

@@ -98,6 +98,8 @@ class Worker:
         self._next_due: datetime | None = None
         self._due_checked_at = float("-inf")
         self._stopping = False
+        #: the task group robots run in, while the worker runs (None before and after)
+        self._robots_tg: TaskGroup | None = None
         self._idle = anyio.Event()
         #: robots whose module is running: what ``concurrency`` bounds
         self.executing = 0
@@ -150,10 +152,12 @@ class Worker:
                   ) -> None:
         async with anyio.create_task_group() as robots_tg, anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeat_loop)
+            self._robots_tg = robots_tg
             task_status.started()
             try:
                 await self._dispatch_loop(robots_tg)
             finally:
+                self._robots_tg = None
                 tg.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
                     await self._drain(robots_tg)
@@ -225,14 +229,53 @@ class Worker:
             with anyio.move_on_after(timeout):
                 await self._wake.wait()
 
-    def _start(self, tg: TaskGroup, claim: Claim) -> None:
+    # -- robots created already claimed (Orchestrator.submit) ----------------------------
+
+    def reserve(self, module: str) -> bool:
+        """Take a slot now for a robot of ``module`` about to be created already claimed.
+
+        False when the worker is not running, has no free slot, the module is at capacity
+        or its circuit is not closed: the robot is then created queued as usual. A True
+        must be followed by ``start_reserved`` or ``unreserve``.
+        """
+        found = self.modules.get(module)
+        if found is None or self._robots_tg is None or self._free_slots() <= 0 \
+                or self.stats[module].load >= found.capacity:
+            return False
+        if self.circuits is not None and self.circuits.permits(module) is not None:
+            return False  # open or half-open: trials go through the normal claim
+        self.stats[module].load += 1
+        self.executing += 1
+        return True
+
+    def unreserve(self, module: str) -> None:
+        """Give back a slot that ``reserve`` took (the robot was not created claimed)."""
+        self.stats[module].load -= 1
+        self.executing -= 1
+        self._wake.set()
+
+    async def start_reserved(self, claim: Claim) -> None:
+        """Run a robot created claimed in the slot ``reserve`` took for it."""
+        tg = self._robots_tg
+        if tg is None:  # the worker stopped meanwhile: hand the robot back, uncharged
+            self.unreserve(claim.execution.module)
+            try:
+                await self.state.release([(claim.robot.id, claim.execution.id)])
+            except Exception:
+                log.exception("robot %s: could not hand it back; its lease will expire",
+                              claim.robot.id)
+            return
+        self._start(tg, claim, reserved=True)
+
+    def _start(self, tg: TaskGroup, claim: Claim, *, reserved: bool = False) -> None:
         # Shielded: stopping the worker must not cancel robots at once; _drain gives them
         # the grace period, then cancels this scope and hands them back uncharged.
         scope = anyio.CancelScope(shield=True)
         ticket = None if self.circuits is None else self.circuits.admit(claim.execution.module)
         self.running[claim.robot.id] = _Running(claim=claim, scope=scope, ticket=ticket)
-        self.stats[claim.execution.module].load += 1
-        self.executing += 1
+        if not reserved:
+            self.stats[claim.execution.module].load += 1
+            self.executing += 1
         self.claimed += 1
         tg.start_soon(self._execute, claim, scope)
 

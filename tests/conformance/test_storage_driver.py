@@ -22,6 +22,7 @@ from robotframework_mvp.models import (
     AuditEvent,
     ErrorInfo,
     ExecutionStatus,
+    FollowUp,
     ModuleRecord,
     Robot,
     RobotStatus,
@@ -29,7 +30,7 @@ from robotframework_mvp.models import (
     utcnow,
 )
 from robotframework_mvp.security.audit import verify_chain
-from robotframework_mvp.state.driver import Claim, Completion, StorageDriver
+from robotframework_mvp.state.driver import Claim, Completion, CreatesClaimed, StorageDriver
 from robotframework_mvp.state.queries import load_migrations
 from robotframework_mvp.state.sqlite import sqlite_path
 
@@ -357,6 +358,41 @@ async def test_claim_charges_an_attempt_and_records_an_execution_under_the_lease
     assert (c.execution.status, c.execution.worker) == (ExecutionStatus.RUNNING, "worker-7")
     assert await stored(driver, robot.id) == c.robot
     assert await driver.list_executions(robot.id) == [c.execution]
+
+
+async def test_a_robot_created_claimed_is_stored_running_under_its_lease_with_its_execution(
+    driver: StorageDriver,
+) -> None:
+    assert isinstance(driver, CreatesClaimed)  # both built-in drivers can
+    robot = make_robot(on_success=FollowUp("notify", {"r": "$parent.result"}))
+    now = utcnow()
+    c = await driver.create_and_claim(robot, worker="worker-7", now=now,
+                                      lease_expires_at=now + LEASE)
+    assert c is not None
+    assert (c.robot.id, c.robot.status, c.robot.attempts) == (robot.id, RobotStatus.RUNNING, 1)
+    assert (c.robot.payload, c.robot.on_success) == (robot.payload, robot.on_success)
+    assert c.robot.lease_token == c.execution.id
+    assert (c.robot.lease_expires_at, c.robot.started_at) == (now + LEASE, now)
+    assert (c.execution.status, c.execution.worker, c.execution.attempt) == (
+        ExecutionStatus.RUNNING, "worker-7", 1)
+    assert await stored(driver, robot.id) == c.robot
+    assert await driver.list_executions(robot.id) == [c.execution]
+    assert await claim(driver) == []  # nobody else can take it
+    done = await driver.complete(completion(c, RobotStatus.SUCCEEDED, result={"ok": 1}))
+    assert done is not None
+    assert done.status is RobotStatus.SUCCEEDED
+
+
+async def test_creating_claimed_an_id_that_exists_writes_nothing(driver: StorageDriver) -> None:
+    assert isinstance(driver, CreatesClaimed)
+    robot = make_robot()
+    await create(driver, robot)
+    now = utcnow()
+    again = attrs.evolve(robot, payload={"other": True})
+    assert await driver.create_and_claim(again, worker="w", now=now,
+                                         lease_expires_at=now + LEASE) is None
+    assert await stored(driver, robot.id) == robot
+    assert await driver.list_executions(robot.id) == []
 
 
 async def test_every_claim_gets_a_different_lease_token(driver: StorageDriver) -> None:

@@ -1213,6 +1213,59 @@ async def test_a_slot_frees_when_its_module_returns_while_the_completion_is_writ
     assert ran == [1, 2]
 
 
+class CountingClaimedCreates(SQLiteDriver):
+    """The real SQLite driver, noting which robots it created already claimed."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.created_claimed: list[str] = []
+
+    async def create_and_claim(self, robot: Robot, **kwargs: Any) -> Any:
+        claim = await super().create_and_claim(robot, **kwargs)
+        if claim is not None:
+            self.created_claimed.append(robot.id)
+        return claim
+
+
+async def test_a_robot_for_a_free_local_slot_is_created_claimed_and_one_for_a_busy_module_queued(
+    sqlite_url: str,
+) -> None:
+    driver = CountingClaimedCreates(sqlite_url)
+
+    class Store:
+        @hookimpl
+        def storage_driver(self, url: str, settings: Settings) -> SQLiteDriver:
+            return driver
+
+    release = anyio.Event()
+    blocking = anyio.Event()
+
+    @module("press", capacity=1)
+    async def press(robot: Robot, ctx: ModuleContext) -> dict[str, Any]:
+        if robot.payload.get("block"):
+            blocking.set()
+            await release.wait()
+        return {"n": robot.payload.get("n")}
+
+    async with Orchestrator(flow_settings(sqlite_url), modules=[press],
+                            plugins=[Store()]) as orch:
+        idle = await orch.process_robot("press", {"n": 1}, api_key=TEST_API_KEY, timeout=10)
+        blocker = await orch.submit("press", {"block": True}, api_key=TEST_API_KEY)
+        with anyio.fail_after(10):
+            await blocking.wait()
+        queued = await orch.submit("press", {"n": 2}, api_key=TEST_API_KEY)  # no free slot
+        assert queued.status is QUEUED
+        release.set()
+        done = [await orch.wait(r.id, api_key=TEST_API_KEY, timeout=10)
+                for r in (blocker, queued)]
+        executions = [await orch.executions(r.id, api_key=TEST_API_KEY)
+                      for r in (idle, blocker, queued)]
+    assert [r.status for r in [idle, *done]] == [SUCCEEDED] * 3
+    assert [r.attempts for r in [idle, *done]] == [1, 1, 1]
+    assert [[e.status for e in ex] for ex in executions] == [[ExecutionStatus.SUCCEEDED]] * 3
+    assert driver.created_claimed == [idle.id, blocker.id]
+
+
 async def test_a_worker_that_lost_its_lease_writes_nothing_more(sqlite_url: str) -> None:
     started = anyio.Event()
     go = anyio.Event()

@@ -27,8 +27,8 @@ from ..models import (
     Schedule,
 )
 
-__all__ = ["Claim", "Completion", "ScheduleFire", "StorageDriver", "followup_from_json",
-           "followups_json"]
+__all__ = ["Claim", "Completion", "CreatesClaimed", "ScheduleFire", "StorageDriver",
+           "followup_from_json", "followups_json"]
 
 
 @attrs.frozen
@@ -93,6 +93,22 @@ def followup_from_json(data: dict[str, Any] | None, name: str) -> FollowUp | Non
 
 
 @runtime_checkable
+@runtime_checkable
+class CreatesClaimed(Protocol):
+    """Optional for a driver: create a robot already claimed, in one write.
+
+    The orchestrator uses it when this process's worker has a free slot for a new robot
+    (no idempotency key, due now); a driver without it gets create, then claim.
+    """
+
+    async def create_and_claim(
+        self, robot: Robot, *, worker: str, now: datetime, lease_expires_at: datetime
+    ) -> Claim | None:
+        """Insert ``robot`` and claim it for ``worker`` (queued → running, its execution
+        written) in one transaction; None if a robot with its id exists (nothing written).
+        """
+
+
 class StorageDriver(Protocol):
     """Persistence for robots, executions, modules and the audit trail."""
 

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from ..cache.manager import CacheManager
 from ..models import Execution, ModuleRecord, Robot, RobotStatus, utcnow
 from ..performance import PerformanceTracker
-from .driver import Claim, Completion, StorageDriver
+from .driver import Claim, Completion, CreatesClaimed, StorageDriver
 from .group_commit import GroupCommitter
 
 __all__ = ["StateManager"]
@@ -29,12 +29,45 @@ class StateManager:
         self.cache = cache
         self.tracker = tracker
         self._committer = GroupCommitter(self._complete_many)
+        self._creates_claimed = driver if isinstance(driver, CreatesClaimed) else None
 
     async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:
         with self.tracker.measure("state.create_robot"):
             created = await self.driver.create_robots(robots)
         await self.cache.set_robots([robot for robot, _ in created])
         return created
+
+    @property
+    def can_create_and_claim(self) -> bool:
+        """Whether the driver can create a robot already claimed (both built-ins can)."""
+        return self._creates_claimed is not None
+
+    async def create_and_claim(
+        self, robot: Robot, worker: str, lease_seconds: float
+    ) -> Claim | None:
+        """Create ``robot`` already claimed by ``worker``: steps 3 and 4 in one write.
+
+        The write is recorded under ``state.create_robot`` and, as the execution started
+        in it, under ``state.start_execution`` too. None: the id exists (see the driver).
+        """
+        driver = self._creates_claimed
+        if driver is None:
+            return None
+        now = utcnow()
+        started = time.perf_counter()
+        started_ns = time.time_ns()
+        with self.tracker.measure("state.create_robot"):
+            claim = await driver.create_and_claim(
+                robot, worker=worker, now=now,
+                lease_expires_at=now + timedelta(seconds=lease_seconds))
+        if claim is not None:
+            self.tracker.record("state.start_execution", (time.perf_counter() - started) * 1000)
+            self.tracker.record_span("state.start_execution", started_ns, time.time_ns(),
+                                     attributes={"rfmvp.module": claim.execution.module,
+                                                 "rfmvp.claimed": 1,
+                                                 "rfmvp.created_claimed": True})
+            await self.cache.set_robots([claim.robot])
+        return claim
 
     async def get_robot(self, robot_id: str, *, fresh: bool = False) -> Robot | None:
         """From the cache when it has the robot (unless ``fresh``), else from the store."""

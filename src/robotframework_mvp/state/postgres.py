@@ -660,6 +660,32 @@ class PostgresDriver:
         except psycopg.OperationalError as exc:
             raise self._unavailable(exc, " (in the caller's transaction)") from exc
 
+    async def create_and_claim(
+        self, robot: Robot, *, worker: str, now: datetime, lease_expires_at: datetime
+    ) -> Claim | None:
+        """Create a new robot and claim it for ``worker`` in one statement (see SQLite's)."""
+        if robot.idempotency_key is not None or robot.module is None:
+            raise ValueError("create_and_claim takes a new robot with a module and no "
+                             "idempotency key")
+        followups = followups_json(robot)
+        params = {
+            "id": robot.id, "kind": robot.kind, "payload": Jsonb(robot.payload),
+            "owner": robot.owner, "tenant": robot.tenant, "module": robot.module,
+            "max_attempts": robot.max_attempts, "priority": robot.priority,
+            "created_at": robot.created_at, "now": now, "scheduled_at": robot.scheduled_at,
+            "lease_expires_at": lease_expires_at, "parent_id": robot.parent_id,
+            "parent_trigger": robot.parent_trigger, "schedule_id": robot.schedule_id,
+            "followups": None if followups is None else Jsonb(followups), "worker": worker,
+        }
+        row = await self._write(lambda c: _fetchone(c, _Q["insert_claimed_robot"], params))
+        if row is None:  # the id exists: a retried call whose first try committed
+            return None
+        claimed = robot_from_row(row)
+        return Claim(robot=claimed, execution=Execution(
+            id=row["lease_token"], robot_id=claimed.id, module=robot.module,
+            attempt=claimed.attempts, status=ExecutionStatus.RUNNING, worker=worker,
+            started_at=now))
+
     async def get_robot(self, robot_id: str) -> Robot | None:
         row = await self._read(lambda c: _fetchone(c, _Q["get_robot"], {"id": robot_id}))
         return None if row is None else robot_from_row(row)

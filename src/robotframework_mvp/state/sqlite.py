@@ -305,26 +305,35 @@ class SQLiteDriver:
             ).fetchall()
             claims = []
             for (robot_id,) in ids:
-                token = new_id()
-                row = conn.execute(
-                    _Q["claim_robot"],
-                    {"id": robot_id, "lease_token": token, "lease_expires_at": lease_ts,
-                     "now": now_ts},
-                ).fetchone()
-                if row is None:
-                    continue
-                robot = robot_from_row(row)
-                conn.execute(
-                    _Q["insert_execution"],
-                    {"id": token, "robot_id": robot_id, "module": module,
-                     "attempt": robot.attempts, "worker": worker, "started_at": now_ts},
-                )
-                execution = Execution(
-                    id=token, robot_id=robot_id, module=module, attempt=robot.attempts,
-                    status=ExecutionStatus.RUNNING, worker=worker, started_at=now,
-                )
-                claims.append(Claim(robot=robot, execution=execution))
+                claim = _claim_one(conn, robot_id, module, worker, now, lease_ts)
+                if claim is not None:
+                    claims.append(claim)
             return claims
+
+        return await self._write(run)
+
+    async def create_and_claim(
+        self, robot: Robot, *, worker: str, now: datetime, lease_expires_at: datetime
+    ) -> Claim | None:
+        """Create a new robot and claim it for ``worker`` in one transaction.
+
+        For a robot this process's worker has a free slot for: it goes queued → running
+        inside the transaction that creates it, so no other worker ever sees it queued.
+        Only for a robot without an idempotency key. None: a robot with this id exists
+        already (a retried call whose first try committed); nothing was written.
+        """
+        if robot.idempotency_key is not None or robot.module is None:
+            raise ValueError("create_and_claim takes a new robot with a module and no "
+                             "idempotency key")
+        module, lease_ts = robot.module, lease_expires_at.timestamp()
+
+        def run(conn: sqlite3.Connection) -> Claim | None:
+            if conn.execute(_Q["insert_robot"], _robot_params(robot)).rowcount != 1:
+                return None
+            claim = _claim_one(conn, robot.id, module, worker, now, lease_ts)
+            if claim is None:  # pragma: no cover - the row was inserted queued just now
+                raise ServiceUnavailableError("a new robot could not be claimed; retry")
+            return claim
 
         return await self._write(run)
 
@@ -723,6 +732,28 @@ class SQLiteDriver:
         rows = await self._write(
             lambda c: c.execute(_Q["fail_queued_robots"], params).fetchall())
         return [robot_from_row(r) for r in rows]
+
+
+def _claim_one(conn: sqlite3.Connection, robot_id: str, module: str, worker: str,
+               now: datetime, lease_ts: float) -> Claim | None:
+    """Start one queued robot under a fresh lease, with its execution (None: not queued)."""
+    token = new_id()
+    now_ts = now.timestamp()
+    row = conn.execute(
+        _Q["claim_robot"],
+        {"id": robot_id, "lease_token": token, "lease_expires_at": lease_ts, "now": now_ts},
+    ).fetchone()
+    if row is None:
+        return None
+    robot = robot_from_row(row)
+    conn.execute(
+        _Q["insert_execution"],
+        {"id": token, "robot_id": robot_id, "module": module, "attempt": robot.attempts,
+         "worker": worker, "started_at": now_ts},
+    )
+    execution = Execution(id=token, robot_id=robot_id, module=module, attempt=robot.attempts,
+                          status=ExecutionStatus.RUNNING, worker=worker, started_at=now)
+    return Claim(robot=robot, execution=execution)
 
 
 def _robot_params(robot: Robot) -> dict[str, Any]:

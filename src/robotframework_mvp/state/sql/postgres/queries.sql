@@ -35,6 +35,30 @@ WITH input AS (
 )
 SELECT ins.*, (SELECT count(*) FROM wake) AS woken FROM ins;
 
+-- name: insert_claimed_robot
+-- A new robot that this process's worker has a free slot for: created and started under a
+-- fresh lease in one statement, with its execution; no other worker ever sees it queued.
+-- Nothing comes back if the id exists (a retried call whose first try committed).
+WITH ins AS (
+    INSERT INTO robots (id, kind, payload, owner, tenant, status, module, attempts,
+                        max_attempts, priority, created_at, updated_at, started_at,
+                        scheduled_at, lease_token, lease_expires_at, parent_id,
+                        parent_trigger, schedule_id, followups)
+    VALUES (%(id)s, %(kind)s, %(payload)s, %(owner)s, %(tenant)s, 'running', %(module)s, 1,
+            %(max_attempts)s, %(priority)s, %(created_at)s, %(now)s, %(now)s,
+            %(scheduled_at)s, gen_random_uuid()::text, %(lease_expires_at)s, %(parent_id)s,
+            %(parent_trigger)s, %(schedule_id)s, %(followups)s)
+    ON CONFLICT DO NOTHING
+    RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
+              attempts, max_attempts, priority, idempotency_key, result, error, created_at,
+              updated_at, started_at, finished_at, scheduled_at, lease_token,
+              lease_expires_at, parent_id, parent_trigger, schedule_id, followups
+), execution AS (
+    INSERT INTO executions (id, robot_id, module, attempt, status, worker, started_at)
+    SELECT lease_token, id, module, attempts, 'running', %(worker)s, %(now)s FROM ins
+)
+SELECT * FROM ins;
+
 -- name: get_stored_robots
 -- After a skipped insert: the robots stored under these ids or (owner, idempotency_key).
 SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
