@@ -25,6 +25,7 @@ from typing import Any, Literal
 import attrs
 
 from .tracing import SpanScope, Tracer, default_tracer, record_span, start_span
+from .tracing import refresh as refresh_tracing
 
 __all__ = [
     "BUCKETS_MS",
@@ -290,6 +291,7 @@ class PerformanceTracker:
         #: OpenTelemetry tracer for one span per measured step: by default the global one
         #: when opentelemetry-api is installed (see ``tracing``), None to trace nothing
         self.tracer: Tracer | None = default_tracer() if isinstance(tracer, str) else tracer
+        refresh_tracing()  # a provider set since the last tracker was built counts at once
 
     @property
     def window_size(self) -> int:

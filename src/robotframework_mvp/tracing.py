@@ -13,9 +13,11 @@ tracer is a no-op.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, Protocol
 
-__all__ = ["SpanScope", "Tracer", "default_tracer", "is_noop", "record_span", "start_span"]
+__all__ = ["SpanScope", "Tracer", "default_tracer", "is_noop", "record_span", "refresh",
+           "start_span"]
 
 SCOPE = "robotframework_mvp"
 
@@ -65,17 +67,44 @@ class SpanScope:
                 span.end()
 
 
+class _GlobalProvider:
+    """Whether the global tracer provider records nothing, looked up at most once a second
+    (the lookup reads ``os.environ``): a provider set later is honoured within a second."""
+
+    __slots__ = ("checked_at", "noop")
+
+    def __init__(self) -> None:
+        self.checked_at = float("-inf")
+        self.noop = True
+
+    def is_noop(self) -> bool:
+        now = time.monotonic()
+        if now - self.checked_at >= 1.0:
+            trace = _trace_api()
+            self.noop = isinstance(trace.get_tracer_provider(),
+                                   trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+            self.checked_at = now
+        return self.noop
+
+
+_global_provider = _GlobalProvider()
+
+
+def refresh() -> None:
+    """Look the global provider up again at the next span (a new tracker does this)."""
+    _global_provider.checked_at = float("-inf")
+
+
 def is_noop(tracer: Tracer) -> bool:
     """Whether ``tracer`` records nothing: the API's tracer while no SDK provider is set.
 
-    Checked at every span, so a provider the application sets later is honoured at once;
-    until then a measured step costs a type check instead of a span (~10 us a robot).
+    Until one is set, a measured step costs a type check instead of a span (~10 us a
+    robot); a provider the application sets later is honoured within a second.
     """
     trace = _trace_api()
     if isinstance(tracer, trace.NoOpTracer):
         return True
-    return isinstance(tracer, trace.ProxyTracer) and isinstance(
-        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+    return isinstance(tracer, trace.ProxyTracer) and _global_provider.is_noop()
 
 
 @functools.cache
