@@ -251,7 +251,7 @@ async def _insert_robots(conn: _Executor, robots: Sequence[Robot], channel: str 
     """Insert robots on ``conn`` (in whatever transaction it is in); see create_robots."""
     params = {**_robot_columns(robots), "channel": channel}
     cur = await conn.execute(_Q["insert_robots"], params)
-    inserted = {row["id"]: row for row in await cur.fetchall()}
+    inserted = {row["id"] for row in await cur.fetchall()}
     by_id: dict[str, DictRow] = {}
     by_key: dict[tuple[str, str], DictRow] = {}
     if len(inserted) < len(robots):
@@ -271,7 +271,7 @@ async def _insert_robots(conn: _Executor, robots: Sequence[Robot], channel: str 
     out: list[tuple[Robot, bool]] = []
     for robot in robots:
         if robot.id in inserted:
-            out.append((robot_from_row(inserted[robot.id]), True))
+            out.append((robot, True))  # stored exactly as given
         elif robot.id in by_id:
             # Our own id: an earlier attempt of this call committed it.
             out.append((robot_from_row(by_id[robot.id]), True))
@@ -904,14 +904,18 @@ class PostgresDriver:
                     chained.append(attrs.evolve(event, prev_hash=prev, hash=digest))
                     prev = digest
                 attempted[:] = chained
-                async with conn.cursor() as cur:
-                    await cur.executemany(_Q["insert_audit"], [
-                        {"ts": e.ts, "principal": e.principal, "action": e.action,
-                         "target": e.target, "outcome": e.outcome, "client": e.client,
-                         "request_id": e.request_id, "details": Jsonb(e.details),
-                         "prev_hash": e.prev_hash, "hash": e.hash}
-                        for e in chained
-                    ])
+                await conn.execute(_Q["insert_audit"], {
+                    "ts": [e.ts for e in chained],
+                    "principals": [e.principal for e in chained],
+                    "actions": [e.action for e in chained],
+                    "targets": [e.target for e in chained],
+                    "outcomes": [e.outcome for e in chained],
+                    "clients": [e.client for e in chained],
+                    "request_ids": [e.request_id for e in chained],
+                    "details": [Jsonb(e.details) for e in chained],
+                    "prev_hashes": [e.prev_hash for e in chained],
+                    "hashes": [e.hash for e in chained],
+                })
                 return chained
 
         return await self._write(run)

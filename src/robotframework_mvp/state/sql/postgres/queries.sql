@@ -6,6 +6,7 @@
 
 -- name: insert_robots
 -- Insert a batch; rows whose id or (owner, idempotency_key) exist already are skipped.
+-- Only the ids come back: an inserted row is exactly the robot the caller passed.
 WITH input AS (
     SELECT * FROM unnest(
         %(ids)b::text[], %(kinds)b::text[], %(payloads)b::jsonb[], %(owners)b::text[],
@@ -26,14 +27,11 @@ WITH input AS (
            schedule_id, followups
     FROM input ORDER BY n
     ON CONFLICT DO NOTHING
-    RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
-              attempts, max_attempts, priority, idempotency_key, result, error, created_at,
-              updated_at, started_at, finished_at, scheduled_at, lease_token,
-              lease_expires_at, parent_id, parent_trigger, schedule_id, followups
+    RETURNING id, status
 ), wake AS (
     SELECT pg_notify(%(channel)s, '') WHERE EXISTS (SELECT 1 FROM ins WHERE status = 'queued')
 )
-SELECT ins.*, (SELECT count(*) FROM wake) AS woken FROM ins;
+SELECT ins.id, (SELECT count(*) FROM wake) AS woken FROM ins;
 
 -- name: insert_claimed_robot
 -- A new robot that this process's worker has a free slot for: created and started under a
@@ -378,10 +376,17 @@ SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1;
 SELECT 1 AS found FROM audit_log WHERE ts = %(ts)s AND hash = %(hash)s;
 
 -- name: insert_audit
+-- A batch of chained records in one statement; seq follows the batch's order.
 INSERT INTO audit_log (ts, principal, action, target, outcome, client, request_id, details,
                        prev_hash, hash)
-VALUES (%(ts)s, %(principal)s, %(action)s, %(target)s, %(outcome)s, %(client)s,
-        %(request_id)s, %(details)s, %(prev_hash)s, %(hash)s);
+SELECT ts, principal, action, target, outcome, client, request_id, details, prev_hash, hash
+FROM unnest(
+    %(ts)b::timestamptz[], %(principals)b::text[], %(actions)b::text[], %(targets)b::text[],
+    %(outcomes)b::text[], %(clients)b::text[], %(request_ids)b::text[], %(details)b::jsonb[],
+    %(prev_hashes)b::text[], %(hashes)b::text[]
+) WITH ORDINALITY AS t(ts, principal, action, target, outcome, client, request_id, details,
+                       prev_hash, hash, n)
+ORDER BY n;
 
 -- name: list_audit
 SELECT seq, ts, principal, action, target, outcome, client, request_id, details, prev_hash,
