@@ -300,15 +300,19 @@ class SQLiteDriver:
         now_ts, lease_ts = now.timestamp(), lease_expires_at.timestamp()
 
         def run(conn: sqlite3.Connection) -> list[Claim]:
-            ids = conn.execute(
-                _Q["select_due_robots"], {"module": module, "now": now_ts, "limit": limit}
+            rows = conn.execute(
+                _Q["claim_due_robots"],
+                {"module": module, "now": now_ts, "limit": limit, "lease_expires_at": lease_ts},
             ).fetchall()
-            claims = []
-            for (robot_id,) in ids:
-                claim = _claim_one(conn, robot_id, module, worker, now, lease_ts)
-                if claim is not None:
-                    claims.append(claim)
-            return claims
+            robots = sorted((robot_from_row(row) for row in rows),
+                            key=lambda r: (-r.priority, r.scheduled_at, r.id))
+            conn.executemany(_Q["insert_execution"], [
+                {"id": r.lease_token, "robot_id": r.id, "module": module, "attempt": r.attempts,
+                 "worker": worker, "started_at": now_ts} for r in robots])
+            return [Claim(robot=r, execution=Execution(
+                id=str(r.lease_token), robot_id=r.id, module=module, attempt=r.attempts,
+                status=ExecutionStatus.RUNNING, worker=worker, started_at=now))
+                for r in robots]
 
         return await self._write(run)
 
