@@ -268,9 +268,13 @@ class Worker:
         self._start(tg, claim, reserved=True)
 
     def _start(self, tg: TaskGroup, claim: Claim, *, reserved: bool = False) -> None:
-        # Shielded: stopping the worker must not cancel robots at once; _drain gives them
-        # the grace period, then cancels this scope and hands them back uncharged.
-        scope = anyio.CancelScope(shield=True)
+        # One scope per robot: shielded, as stopping the worker must not cancel robots at
+        # once (_drain gives them the grace period, then cancels this scope and hands them
+        # back uncharged); its deadline is the module's timeout; cancel_local, a lost lease
+        # and _drain cancel it too, after setting the flag that says which it was.
+        module = self.modules[claim.execution.module]
+        timeout = module.timeout or self.settings.resilience.default_timeout
+        scope = anyio.CancelScope(shield=True, deadline=anyio.current_time() + timeout)
         ticket = None if self.circuits is None else self.circuits.admit(claim.execution.module)
         self.running[claim.robot.id] = _Running(claim=claim, scope=scope, ticket=ticket)
         if not reserved:
@@ -313,27 +317,24 @@ class Worker:
         permanent = False
         try:
             with scope:
-                # The module's deadline: a bare scope (not fail_after's generator) on the
-                # hot path; a TimeoutError the module lets escape is an ordinary failure.
-                deadline = anyio.CancelScope(deadline=anyio.current_time() + timeout)
                 try:
-                    with deadline, self.tracker.measure("module.process"):
+                    with self.tracker.measure("module.process"):
                         result = await module.run(robot, ctx)
-                except Exception as exc:
+                except Exception as exc:  # a TimeoutError of the module's own: a failure
                     error = _error_info(exc)
                     permanent = isinstance(exc, PermanentError)
-                if deadline.cancelled_caught:
-                    timed_out, result = True, None
-                    error = ErrorInfo("timeout", f"module {module.name!r} did not finish "
-                                      f"within its timeout of {timeout:g} s")
             duration_ms = (time.perf_counter() - started) * 1000
             self._leave_slot(running, module)
             circuits = self.circuits
-            if scope.cancelled_caught or running.lease_lost or running.cancelled:
+            if running.lease_lost or running.cancelled:
                 # Cancelled by request or lease lost: the store already says what happened.
                 if circuits is not None:
                     circuits.abandon(module.name, running.ticket)
                 return
+            if scope.cancelled_caught:  # cancelled, and by nobody: the deadline passed
+                timed_out, result = True, None
+                error = ErrorInfo("timeout", f"module {module.name!r} did not finish "
+                                  f"within its timeout of {timeout:g} s")
             ok = error is None and not timed_out
             self.stats[module.name].record(ok, duration_ms)
             running.completing = True
