@@ -140,7 +140,7 @@ class CacheManager:
                 self.misses["robot"] += 1
                 return None
             self.hits["robot"] += 1
-            return found if isinstance(found, Robot) else None
+            return _without_lease(found) if isinstance(found, Robot) else None
         pending = self._pending.get(robot_id)
         if pending is not None:
             # Not yet in the shared cache: this process's own newest write (not a hit).
@@ -159,9 +159,10 @@ class CacheManager:
     async def set_robots(self, robots: Sequence[Robot]) -> None:
         """Cache robots' current state in one round trip (never their lease tokens)."""
         if self._in_process is not None:
+            # As they are: get_robot strips a lease token on the way out (rarer than writes).
             for robot in robots:
-                self._in_process.set_object(f"{self.prefix}robot:{robot.id}",
-                                            _without_lease(robot), self._ttl(robot))
+                self._in_process.set_object(f"{self.prefix}robot:{robot.id}", robot,
+                                            self._ttl(robot))
             return
         if self._pending_wake is not None:
             for robot in robots:
