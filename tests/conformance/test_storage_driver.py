@@ -486,6 +486,28 @@ async def test_complete_with_success_stores_the_result_and_ends_the_execution(
         ExecutionStatus.SUCCEEDED, finished, 42.0)
 
 
+@pytest.mark.parametrize("status", [RobotStatus.SUCCEEDED, RobotStatus.FAILED,
+                                    RobotStatus.QUEUED])
+async def test_a_completion_after_progress_returns_exactly_what_is_stored(
+    driver: StorageDriver, status: RobotStatus,
+) -> None:
+    robot = make_robot(payload={"text": "Σ", "nested": {"n": [1, 2.5, None]}},
+                       on_success=FollowUp("notify", {}))
+    await create(driver, robot)
+    c = await claim_one(driver, robot)
+    progressed = await driver.update_progress(robot.id, c.execution.id, 40.0, "half", utcnow())
+    assert progressed is not None
+    retry_at = utcnow() + timedelta(seconds=30) if status is RobotStatus.QUEUED else None
+    done = await driver.complete(completion(
+        c, status, scheduled_at=retry_at,
+        result={"ok": [1, "ü"]} if status is RobotStatus.SUCCEEDED else None,
+        error=None if status is RobotStatus.SUCCEEDED else ErrorInfo("Boom", "no")))
+    assert done is not None
+    assert done == await stored(driver, robot.id)
+    assert (done.status, done.progress_message) == (status, "half")
+    assert done.progress == (100 if status is RobotStatus.SUCCEEDED else 40.0)
+
+
 async def test_complete_back_to_queued_schedules_the_retry_and_clears_the_lease(
     driver: StorageDriver,
 ) -> None:
