@@ -1266,6 +1266,73 @@ async def test_a_robot_for_a_free_local_slot_is_created_claimed_and_one_for_a_bu
     assert driver.created_claimed == [idle.id, blocker.id]
 
 
+async def _stored_status(url: str, robot_id: str) -> RobotStatus:
+    stored, _ = await _read_store(url, robot_id)
+    assert stored is not None
+    return stored.status
+
+
+async def test_a_quick_modules_robots_are_claimed_ahead_and_each_runs_once_or_goes_back(
+    sqlite_url: str,
+) -> None:
+    release = anyio.Event()
+    blocking = anyio.Event()
+    ran: list[int] = []
+
+    @module("stamp", capacity=1)
+    async def stamp(robot: Robot, ctx: ModuleContext) -> dict[str, Any]:
+        ran.append(robot.payload["n"])
+        if robot.payload.get("block"):
+            blocking.set()
+            await release.wait()
+        return {"n": robot.payload["n"]}
+
+    settings = flow_settings(sqlite_url, worker={"concurrency": 1})
+    async with Orchestrator(settings, modules=[stamp]) as orch:
+        for n in range(25):  # a history of quick attempts: the module now counts as quick
+            await orch.process_robot("stamp", {"n": n}, api_key=TEST_API_KEY, timeout=10)
+        blocker = await orch.submit("stamp", {"n": 100, "block": True}, api_key=TEST_API_KEY)
+        with anyio.fail_after(10):
+            await blocking.wait()
+        ahead = [await orch.submit("stamp", {"n": 200 + i}, api_key=TEST_API_KEY)
+                 for i in range(4)]
+        with anyio.fail_after(10):  # the one slot is busy: three are claimed ahead of it
+            while [await _stored_status(sqlite_url, r.id) for r in ahead].count(RUNNING) < 3:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        statuses = [await _stored_status(sqlite_url, r.id) for r in ahead]
+        assert statuses == [RUNNING, RUNNING, RUNNING, QUEUED]
+        cancelled = await orch.cancel(ahead[0].id, api_key=TEST_API_KEY)  # waiting, leased
+        assert cancelled.status is CANCELLED
+        release.set()
+        done = [await orch.wait(r.id, api_key=TEST_API_KEY, timeout=10)
+                for r in (blocker, *ahead[1:])]
+        # Claimed ahead again, then stopped before a slot frees: handed back uncharged.
+        release, blocking = anyio.Event(), anyio.Event()
+        second = await orch.submit("stamp", {"n": 300, "block": True}, api_key=TEST_API_KEY)
+        with anyio.fail_after(10):
+            await blocking.wait()
+        late = [await orch.submit("stamp", {"n": 400 + i}, api_key=TEST_API_KEY)
+                for i in range(2)]
+        with anyio.fail_after(10):
+            while [await _stored_status(sqlite_url, r.id) for r in late].count(RUNNING) < 2:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+        release.set()
+        assert (await orch.wait(second.id, api_key=TEST_API_KEY, timeout=10)).status \
+            is SUCCEEDED
+    assert [r.status for r in done] == [SUCCEEDED] * 4
+    assert [r.attempts for r in done] == [1] * 4
+    assert 200 not in ran, "the cancelled robot never ran"
+    assert ran.count(201) == ran.count(202) == ran.count(203) == 1
+    for robot in late:  # never started here: back in the queue, the attempt not charged,
+        stored, executions = await _read_store(sqlite_url, robot.id)  # or run at once
+        assert stored is not None
+        if robot.payload["n"] in ran:
+            assert stored.status is SUCCEEDED
+        else:
+            assert (stored.status, stored.attempts) == (QUEUED, 0)
+            assert [e.status for e in executions] == [ExecutionStatus.RELEASED]
+
+
 async def test_a_worker_that_lost_its_lease_writes_nothing_more(sqlite_url: str) -> None:
     started = anyio.Event()
     go = anyio.Event()
