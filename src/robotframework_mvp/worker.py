@@ -116,6 +116,10 @@ class Worker:
         self.executing = 0
         #: robots of quick modules claimed ahead of a free slot, by module, in claim order
         self._ahead: dict[str, deque[Claim]] = {name: deque() for name in modules}
+        #: when a module's last claim ahead came back short (little was queued for it)
+        self._ahead_dry: dict[str, float] = {}
+        #: when ``reserve`` last took a slot for a robot created already claimed
+        self._reserved_at = float("-inf")
         self.claimed = 0
         self.completed = 0
 
@@ -151,6 +155,11 @@ class Worker:
         stats = self.stats[name]
         p95 = stats.latency_p95_ms
         if stats.samples < _AHEAD_MIN_SAMPLES or p95 is None or p95 > _QUICK_MODULE_MS:
+            return 0
+        if time.monotonic() - self._reserved_at < 1.0:
+            # This process is feeding its own worker (Orchestrator.submit): its robots
+            # arrive claimed in the write that creates them, into the free slots that
+            # robots claimed ahead would take.
             return 0
         return max(0, _AHEAD_FACTOR * self.concurrency - len(self._ahead[name]))
 
@@ -225,8 +234,12 @@ class Worker:
                 module_free = self.modules[name].capacity - self.stats[name].load
                 if permits is not None:
                     module_free = min(module_free, permits)
-                # A quick module (closed circuit) may also claim ahead of its free slots.
-                ahead_room = 0 if permits is not None else self._ahead_room(name)
+                # A quick module (closed circuit) may also claim ahead of its free slots;
+                # with none free, not again within a poll interval of a claim ahead that
+                # found little queued (a wake-up per submitted robot must not cost a claim).
+                ahead_room = 0 if permits is not None or (
+                    module_free <= 0 and time.monotonic() - self._ahead_dry.get(name, -1e9)
+                    < self.settings.worker.poll_interval) else self._ahead_room(name)
                 if module_free <= 0 and ahead_room <= 0:
                     continue
                 if module_free > 0:
@@ -245,6 +258,11 @@ class Worker:
                     claims = []
                 for claim in claims:
                     self._admit(claim)
+                if ahead_room > 0:
+                    if len(claims) < requested:
+                        self._ahead_dry[name] = time.monotonic()
+                    else:
+                        self._ahead_dry.pop(name, None)
                 full = full or len(claims) == requested
             start += 1
             if full and self._free_slots() > 0:
@@ -291,6 +309,7 @@ class Worker:
             return False  # open or half-open: trials go through the normal claim
         self.stats[module].load += 1
         self.executing += 1
+        self._reserved_at = time.monotonic()
         return True
 
     def unreserve(self, module: str) -> None:
@@ -459,7 +478,8 @@ class Worker:
         ahead = self._ahead[module.name]
         if ahead:
             self._start_ahead(module.name)  # the next robot claimed ahead takes the slot
-            if len(ahead) <= _AHEAD_FACTOR * self.concurrency // 2:
+            if len(ahead) <= _AHEAD_FACTOR * self.concurrency // 2 \
+                    and module.name not in self._ahead_dry:  # a backlog to claim from
                 self._wake.set()  # claim the next ones before these run out
         elif was_full:
             self._wake.set()  # a slot opened where there was none: claim again

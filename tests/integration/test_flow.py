@@ -39,6 +39,7 @@ from robotframework_mvp import (
     RobotStatus,
     Settings,
     StaticKey,
+    SubmitRequest,
     ValidationError,
     hookimpl,
     module,
@@ -1287,18 +1288,28 @@ async def test_a_quick_modules_robots_are_claimed_ahead_and_each_runs_once_or_go
             await release.wait()
         return {"n": robot.payload["n"]}
 
-    settings = flow_settings(sqlite_url, worker={"concurrency": 1})
-    async with Orchestrator(settings, modules=[stamp]) as orch:
+    async def until_running(robots: list[Robot], count: int) -> None:
+        with anyio.fail_after(10):
+            while [await _stored_status(sqlite_url, r.id) for r in robots].count(RUNNING) \
+                    < count:  # noqa: ASYNC110 - the store is the only signal here
+                await anyio.sleep(0.01)
+
+    # Robots come from another process (an API orchestrator without a worker): a worker
+    # fed by its own process gets them claimed at creation and claims nothing ahead.
+    worker_settings = flow_settings(sqlite_url, worker={"concurrency": 1})
+    api_settings = flow_settings(sqlite_url, worker={"enabled": False})
+    async with Orchestrator(worker_settings, modules=[stamp]) as orch, \
+            Orchestrator(api_settings, modules=[stamp]) as api:
         for n in range(25):  # a history of quick attempts: the module now counts as quick
-            await orch.process_robot("stamp", {"n": n}, api_key=TEST_API_KEY, timeout=10)
-        blocker = await orch.submit("stamp", {"n": 100, "block": True}, api_key=TEST_API_KEY)
+            robot = await api.submit("stamp", {"n": n}, api_key=TEST_API_KEY)
+            await orch.wait(robot.id, api_key=TEST_API_KEY, timeout=10)
+        blocker = await api.submit("stamp", {"n": 100, "block": True}, api_key=TEST_API_KEY)
         with anyio.fail_after(10):
             await blocking.wait()
-        ahead = [await orch.submit("stamp", {"n": 200 + i}, api_key=TEST_API_KEY)
-                 for i in range(4)]
-        with anyio.fail_after(10):  # the one slot is busy: three are claimed ahead of it
-            while [await _stored_status(sqlite_url, r.id) for r in ahead].count(RUNNING) < 3:  # noqa: ASYNC110
-                await anyio.sleep(0.01)
+        ahead = list(await api.submit_many(
+            [SubmitRequest(kind="stamp", payload={"n": 200 + i}) for i in range(4)],
+            api_key=TEST_API_KEY))
+        await until_running(ahead, 3)  # the one slot is busy: three are claimed ahead of it
         statuses = [await _stored_status(sqlite_url, r.id) for r in ahead]
         assert statuses == [RUNNING, RUNNING, RUNNING, QUEUED]
         cancelled = await orch.cancel(ahead[0].id, api_key=TEST_API_KEY)  # waiting, leased
@@ -1308,14 +1319,13 @@ async def test_a_quick_modules_robots_are_claimed_ahead_and_each_runs_once_or_go
                 for r in (blocker, *ahead[1:])]
         # Claimed ahead again, then stopped before a slot frees: handed back uncharged.
         release, blocking = anyio.Event(), anyio.Event()
-        second = await orch.submit("stamp", {"n": 300, "block": True}, api_key=TEST_API_KEY)
+        second = await api.submit("stamp", {"n": 300, "block": True}, api_key=TEST_API_KEY)
         with anyio.fail_after(10):
             await blocking.wait()
-        late = [await orch.submit("stamp", {"n": 400 + i}, api_key=TEST_API_KEY)
-                for i in range(2)]
-        with anyio.fail_after(10):
-            while [await _stored_status(sqlite_url, r.id) for r in late].count(RUNNING) < 2:  # noqa: ASYNC110
-                await anyio.sleep(0.01)
+        late = list(await api.submit_many(
+            [SubmitRequest(kind="stamp", payload={"n": 400 + i}) for i in range(2)],
+            api_key=TEST_API_KEY))
+        await until_running(late, 2)
         release.set()
         assert (await orch.wait(second.id, api_key=TEST_API_KEY, timeout=10)).status \
             is SUCCEEDED
@@ -1324,7 +1334,7 @@ async def test_a_quick_modules_robots_are_claimed_ahead_and_each_runs_once_or_go
     assert 200 not in ran, "the cancelled robot never ran"
     assert ran.count(201) == ran.count(202) == ran.count(203) == 1
     for robot in late:  # never started here: back in the queue, the attempt not charged,
-        stored, executions = await _read_store(sqlite_url, robot.id)  # or run at once
+        stored, executions = await _read_store(sqlite_url, robot.id)  # or run in time
         assert stored is not None
         if robot.payload["n"] in ran:
             assert stored.status is SUCCEEDED
