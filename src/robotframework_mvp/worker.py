@@ -226,7 +226,7 @@ class Worker:
                     permits = circuits.permits(name)
                     if permits is not None:
                         if self._ahead[name]:  # claimed while closed: back to the queue
-                            await self._release_ahead(name)
+                            await self._release_waiting(list(self._ahead[name]))
                         if permits <= 0:
                             continue
                 if self._ahead[name]:
@@ -356,11 +356,13 @@ class Worker:
                 continue  # cancelled or lost while it waited: never started
             self._start(tg, claim)
 
-    async def _release_ahead(self, name: str) -> None:
-        """Hand the robots of ``name`` claimed ahead back to the queue, uncharged."""
-        leases = [(c.robot.id, c.execution.id) for c in self._ahead[name]]
+    async def _release_waiting(self, claims: Sequence[Claim]) -> None:
+        """Hand robots claimed ahead (never started) back to the queue, uncharged."""
+        leases = [(c.robot.id, c.execution.id) for c in claims]
         for robot_id, _ in leases:
             self._forget_waiting(robot_id)
+        if not leases:
+            return
         try:
             await self.state.release(leases)
         except Exception:
@@ -592,16 +594,8 @@ class Worker:
 
     async def _drain(self, robots_tg: TaskGroup) -> None:
         """Graceful stop: wait for running robots, then hand the rest back uncharged."""
-        # Robots claimed ahead never started: they go back at once, with the rest.
-        waiting = [(rid, r.claim.execution.id) for rid, r in self.running.items() if r.waiting]
-        for robot_id, _ in waiting:
-            self._forget_waiting(robot_id)
-        if waiting:
-            try:
-                await self.state.release(waiting)
-            except Exception:
-                log.exception("could not release %d robots; their leases will expire",
-                              len(waiting))
+        # Robots claimed ahead never started: they go back at once.
+        await self._release_waiting([c for queue in self._ahead.values() for c in queue])
         if self.running:
             self._idle = anyio.Event()
             with anyio.move_on_after(self.settings.worker.shutdown_grace_seconds):
