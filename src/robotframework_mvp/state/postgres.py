@@ -785,27 +785,11 @@ class PostgresDriver:
         }
 
     def _completion_columns(self, completions: Sequence[Completion]) -> dict[str, Any]:
-        """``complete_robots``' array parameters (one array per column)."""
-        children = [c.followup for c in completions]
-        return {
-            "ids": [c.robot_id for c in completions],
-            "tokens": [c.lease_token for c in completions],
-            "statuses": [str(c.status) for c in completions],
-            "execution_statuses": [str(c.execution_status) for c in completions],
-            "results": [None if c.result is None else Jsonb(c.result) for c in completions],
-            "errors": [_error_jsonb(c.error) for c in completions],
-            "finished_at": [c.finished_at for c in completions],
-            "durations": [float(c.duration_ms) for c in completions],
-            "scheduled_at": [c.scheduled_at for c in completions],
-            "modules": [c.module for c in completions],
-            "child_ids": [None if k is None else k.id for k in children],
-            "child_kinds": [None if k is None else k.kind for k in children],
-            "child_payloads": [None if k is None else Jsonb(k.payload) for k in children],
-            "child_modules": [None if k is None else k.module for k in children],
-            "child_max_attempts": [None if k is None else k.max_attempts for k in children],
-            "child_triggers": [None if k is None else k.parent_trigger for k in children],
-            "channel": self.channel,
-        }
+        """``complete_robots``' parameters: each ``complete_robot`` parameter as an array
+        over the batch (the channel stays one value)."""
+        rows = [self._completion_params(c) for c in completions]
+        columns = {name: [row[name] for row in rows] for name in rows[0] if name != "channel"}
+        return {**columns, "channel": self.channel}
 
     async def cancel_robot(self, robot_id: str, now: datetime) -> Robot | None:
         params = {"id": robot_id, "now": now}

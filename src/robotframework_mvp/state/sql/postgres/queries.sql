@@ -142,14 +142,15 @@ RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_m
 -- End a batch of attempts in one statement: each robot to its terminal status, or back
 -- to queued for a retry; its execution; a chain's follow-up. A row whose lease is gone
 -- (cancelled, reaped, completed already) matches nothing and comes back absent.
+-- Each parameter is the array of complete_robot's parameter of the same name.
 WITH input AS (
     SELECT * FROM unnest(
-        %(ids)b::text[], %(tokens)b::text[], %(statuses)b::text[],
-        %(execution_statuses)b::text[], %(results)b::jsonb[], %(errors)b::jsonb[],
-        %(finished_at)b::timestamptz[], %(durations)s::float8[],
-        %(scheduled_at)b::timestamptz[], %(modules)b::text[], %(child_ids)b::text[],
-        %(child_kinds)b::text[], %(child_payloads)b::jsonb[], %(child_modules)b::text[],
-        %(child_max_attempts)b::integer[], %(child_triggers)b::text[]
+        %(id)b::text[], %(lease_token)b::text[], %(status)b::text[],
+        %(execution_status)b::text[], %(result)b::jsonb[], %(error)b::jsonb[],
+        %(now)b::timestamptz[], %(duration_ms)b::float8[],
+        %(scheduled_at)b::timestamptz[], %(module)b::text[], %(child_id)b::text[],
+        %(child_kind)b::text[], %(child_payload)b::jsonb[], %(child_module)b::text[],
+        %(child_max_attempts)b::integer[], %(child_trigger)b::text[]
     ) AS t(id, token, status, execution_status, result, error, now, duration_ms,
            scheduled_at, module, child_id, child_kind, child_payload, child_module,
            child_max_attempts, child_trigger)
