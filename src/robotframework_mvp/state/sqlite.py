@@ -306,13 +306,7 @@ class SQLiteDriver:
             ).fetchall()
             robots = sorted((robot_from_row(row) for row in rows),
                             key=lambda r: (-r.priority, r.scheduled_at, r.id))
-            conn.executemany(_Q["insert_execution"], [
-                {"id": r.lease_token, "robot_id": r.id, "module": module, "attempt": r.attempts,
-                 "worker": worker, "started_at": now_ts} for r in robots])
-            return [Claim(robot=r, execution=Execution(
-                id=str(r.lease_token), robot_id=r.id, module=module, attempt=r.attempts,
-                status=ExecutionStatus.RUNNING, worker=worker, started_at=now))
-                for r in robots]
+            return _start_executions(conn, robots, module, worker, now)
 
         return await self._write(run)
 
@@ -741,23 +735,24 @@ class SQLiteDriver:
 def _claim_one(conn: sqlite3.Connection, robot_id: str, module: str, worker: str,
                now: datetime, lease_ts: float) -> Claim | None:
     """Start one queued robot under a fresh lease, with its execution (None: not queued)."""
-    token = new_id()
-    now_ts = now.timestamp()
     row = conn.execute(
-        _Q["claim_robot"],
-        {"id": robot_id, "lease_token": token, "lease_expires_at": lease_ts, "now": now_ts},
+        _Q["claim_robot"], {"id": robot_id, "lease_token": new_id(),
+                            "lease_expires_at": lease_ts, "now": now.timestamp()},
     ).fetchone()
     if row is None:
         return None
-    robot = robot_from_row(row)
-    conn.execute(
-        _Q["insert_execution"],
-        {"id": token, "robot_id": robot_id, "module": module, "attempt": robot.attempts,
-         "worker": worker, "started_at": now_ts},
-    )
-    execution = Execution(id=token, robot_id=robot_id, module=module, attempt=robot.attempts,
-                          status=ExecutionStatus.RUNNING, worker=worker, started_at=now)
-    return Claim(robot=robot, execution=execution)
+    return _start_executions(conn, [robot_from_row(row)], module, worker, now)[0]
+
+
+def _start_executions(conn: sqlite3.Connection, robots: Sequence[Robot], module: str,
+                      worker: str, now: datetime) -> list[Claim]:
+    """Write the running execution of each robot just claimed (its id: the lease token)."""
+    conn.executemany(_Q["insert_execution"], [
+        {"id": r.lease_token, "robot_id": r.id, "module": module, "attempt": r.attempts,
+         "worker": worker, "started_at": now.timestamp()} for r in robots])
+    return [Claim(robot=r, execution=Execution(
+        id=str(r.lease_token), robot_id=r.id, module=module, attempt=r.attempts,
+        status=ExecutionStatus.RUNNING, worker=worker, started_at=now)) for r in robots]
 
 
 def _robot_params(robot: Robot) -> dict[str, Any]:
