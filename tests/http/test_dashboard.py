@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,15 +76,7 @@ def test_the_dashboard_shows_real_robots_modules_and_step_latencies(
     server = dashboard_server
     server.wait_for_line(r"Dashboard: ", timeout=15)
     with httpx.Client(base_url=server.url, timeout=15) as client:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server never became healthy"
-            time.sleep(0.1)
+        server.wait_healthy(client)
         admin = {"X-API-Key": ADMIN_KEY}
         for n in range(12):
             done = client.post("/api/v1/robots", headers=admin,

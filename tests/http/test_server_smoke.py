@@ -55,6 +55,18 @@ class Server:
             if match:
                 return match
 
+    def wait_healthy(self, client: httpx.Client, timeout: float = 10) -> None:
+        """Until ``GET /health`` answers 200 (the server may still be binding its port)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if client.get("/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server never became healthy"
+            time.sleep(0.1)
+
     def output(self) -> str:
         """Everything printed so far (all of it once the process has exited)."""
         if self.proc.poll() is not None:
@@ -104,15 +116,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
 def test_server_runs_robots_and_stops_cleanly(server: Server) -> None:
     key = server.wait_for_line(r"API key: (\S+)", timeout=15).group(1)
     with httpx.Client(base_url=server.url, headers={"X-API-Key": key}, timeout=10) as client:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if client.get("/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server never became healthy"
-            time.sleep(0.1)
+        server.wait_healthy(client)
 
         resp = client.post("/api/v1/robots",
                            json={"kind": "echo", "payload": {"hello": "world"}, "wait": 5})
