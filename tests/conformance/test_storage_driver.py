@@ -395,6 +395,23 @@ async def test_creating_claimed_an_id_that_exists_writes_nothing(driver: Storage
     assert await driver.list_executions(robot.id) == []
 
 
+async def test_lease_tokens_are_time_ordered_uuid7_as_the_fleet_scoring_reads_them(
+    driver: StorageDriver,
+) -> None:
+    from robotframework_mvp.background import execution_id_floor
+
+    assert isinstance(driver, CreatesClaimed)
+    floor = execution_id_floor(utcnow() - timedelta(seconds=1))
+    await create(driver, *[make_robot() for _ in range(5)])
+    now = utcnow()
+    direct = await driver.create_and_claim(make_robot(), worker="w", now=now,
+                                           lease_expires_at=now + LEASE)
+    assert direct is not None
+    tokens = [c.execution.id for c in await claim(driver)] + [direct.execution.id]
+    assert len(tokens) == 6
+    assert all(t >= floor and t[14] == "7" and len(t) == 36 for t in tokens), tokens
+
+
 async def test_every_claim_gets_a_different_lease_token(driver: StorageDriver) -> None:
     await create(driver, *[make_robot() for _ in range(10)])
     tokens = [c.execution.id for c in await claim(driver)]

@@ -300,13 +300,14 @@ class SQLiteDriver:
         now_ts, lease_ts = now.timestamp(), lease_expires_at.timestamp()
 
         def run(conn: sqlite3.Connection) -> list[Claim]:
-            rows = conn.execute(
-                _Q["claim_due_robots"],
-                {"module": module, "now": now_ts, "limit": limit, "lease_expires_at": lease_ts},
+            # One by one, each under a UUIDv7 lease token: execution ids are time-ordered,
+            # which the leader's scoring reads them by (execution_id_floor).
+            ids = conn.execute(
+                _Q["select_due_robots"], {"module": module, "now": now_ts, "limit": limit}
             ).fetchall()
-            robots = sorted((robot_from_row(row) for row in rows),
-                            key=lambda r: (-r.priority, r.scheduled_at, r.id))
-            return _start_executions(conn, robots, module, worker, now)
+            claims = [_claim_one(conn, robot_id, module, worker, now, lease_ts)
+                      for (robot_id,) in ids]
+            return [c for c in claims if c is not None]
 
         return await self._write(run)
 

@@ -44,7 +44,10 @@ WITH ins AS (
                         parent_trigger, schedule_id, followups)
     VALUES (%(id)s, %(kind)s, %(payload)s, %(owner)s, %(tenant)s, 'running', %(module)s, 1,
             %(max_attempts)s, %(priority)s, %(created_at)s, %(now)s, %(now)s,
-            %(scheduled_at)s, gen_random_uuid()::text, %(lease_expires_at)s, %(parent_id)s,
+            %(scheduled_at)s, encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) placing
+        substring(int8send((extract(epoch FROM %(now)s::timestamptz) * 1000)::bigint) FROM 3)
+        FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid::text,
+            %(lease_expires_at)s, %(parent_id)s,
             %(parent_trigger)s, %(schedule_id)s, %(followups)s)
     ON CONFLICT DO NOTHING
     RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
@@ -106,7 +109,12 @@ WITH due AS MATERIALIZED (
     FOR UPDATE SKIP LOCKED
 ), claimed AS (
     UPDATE robots r
-    SET status = 'running', attempts = r.attempts + 1, lease_token = gen_random_uuid()::text,
+    SET status = 'running', attempts = r.attempts + 1,
+        -- A UUIDv7 (time-ordered) like every execution id: the leader's scoring reads the
+        -- recent executions by id range (background.execution_id_floor).
+        lease_token = encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) placing
+        substring(int8send((extract(epoch FROM %(now)s::timestamptz) * 1000)::bigint) FROM 3)
+        FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid::text,
         lease_expires_at = %(lease_expires_at)s, started_at = COALESCE(r.started_at, %(now)s),
         updated_at = %(now)s
     FROM due

@@ -25,19 +25,12 @@ WHERE (:tenant IS NULL OR tenant = :tenant)
 ORDER BY id DESC
 LIMIT :limit;
 
--- name: claim_due_robots
--- Start the due robots of a module (the claim's order, at most :limit), each under a
--- fresh lease token, in one statement under the write lock of BEGIN IMMEDIATE.
-UPDATE robots
-SET status = 'running', attempts = attempts + 1, lease_token = lower(hex(randomblob(16))),
-    lease_expires_at = :lease_expires_at, started_at = COALESCE(started_at, :now),
-    updated_at = :now
-WHERE id IN (
-    SELECT id FROM robots
-    WHERE status = 'queued' AND module = :module AND scheduled_at <= :now
-    ORDER BY priority DESC, scheduled_at, id
-    LIMIT :limit)
-RETURNING *;
+-- name: select_due_robots
+-- Candidates for a claim, taken under the write lock of BEGIN IMMEDIATE.
+SELECT id FROM robots
+WHERE status = 'queued' AND module = :module AND scheduled_at <= :now
+ORDER BY priority DESC, scheduled_at, id
+LIMIT :limit;
 
 -- name: claim_robot
 UPDATE robots
