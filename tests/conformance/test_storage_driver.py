@@ -17,6 +17,9 @@ import anyio.to_thread
 import attrs
 import psycopg
 import pytest
+from anyio.from_thread import start_blocking_portal
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from robotframework_mvp.models import (
     AuditEvent,
@@ -822,3 +825,109 @@ async def test_purge_deletes_only_robots_that_finished_before_the_cutoff(
     assert [e.request_id for _, e in await driver.list_audit(after_seq=0, limit=10)] == [
         "req-1", "req-2"]
     assert await driver.purge(now - timedelta(days=30)) == 0
+
+
+# --- complete_many is complete, one by one (property) ---------------------------------------
+
+_json_values = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53),
+                         st.floats(allow_nan=False, allow_infinity=False, width=32),
+                         st.text(max_size=8))
+_outcomes = st.fixed_dictionaries({
+    "status": st.sampled_from([RobotStatus.SUCCEEDED, RobotStatus.FAILED, RobotStatus.QUEUED,
+                               RobotStatus.TIMED_OUT]),
+    "result": st.one_of(st.none(), st.dictionaries(st.text(max_size=6), _json_values,
+                                                   max_size=3)),
+    "stale": st.booleans(),
+    "move": st.booleans(),
+    "followup": st.booleans(),
+    "duration_ms": st.floats(0, 1e6, allow_nan=False),
+})
+
+
+async def _complete_twins(driver: StorageDriver, outcomes: list[dict[str, Any]],
+                          repeat: int | None) -> None:
+    """Two identical groups of robots; one ends through complete_many, the other through
+    complete, one at a time; both must end alike (robots, returns, executions, children)."""
+    now = utcnow().replace(microsecond=0)
+    module = f"m-{new_id()}"
+    twins = [[make_robot(module=module, scheduled_at=now - timedelta(seconds=1),
+                         created_at=now, updated_at=now) for _ in outcomes] for _ in range(2)]
+    for group in twins:
+        await create(driver, *group)
+    claims = {c.robot.id: c for c in await claim(driver, module, limit=2 * len(outcomes),
+                                                  now=now)}
+    assert len(claims) == 2 * len(outcomes)
+
+    def completions(group: list[Robot]) -> list[Completion]:
+        batch = []
+        for robot, spec in zip(group, outcomes, strict=True):
+            c = claims[robot.id]
+            if spec["stale"]:
+                c = attrs.evolve(c, execution=attrs.evolve(c.execution, id=new_id()))
+            status = spec["status"]
+            child = make_robot(parent_id=robot.id, parent_trigger="on_success",
+                               status=RobotStatus.QUEUED) \
+                if spec["followup"] and status.is_terminal else None
+            batch.append(Completion(
+                robot_id=robot.id, lease_token=c.execution.id, status=status,
+                execution_status="succeeded" if status is RobotStatus.SUCCEEDED else "failed",
+                finished_at=now + timedelta(seconds=2), duration_ms=spec["duration_ms"],
+                result=spec["result"] if status is RobotStatus.SUCCEEDED else None,
+                error=None if status is RobotStatus.SUCCEEDED else ErrorInfo("Boom", "ünïcode"),
+                scheduled_at=now + timedelta(seconds=60) if status is RobotStatus.QUEUED
+                else None,
+                module="elsewhere" if spec["move"] and status is RobotStatus.QUEUED else None,
+                followup=child))
+        return batch
+
+    batched, single = completions(twins[0]), completions(twins[1])
+    if repeat is not None:  # the same robot twice in a batch: once stale, once current
+        twice = attrs.evolve(batched[repeat], lease_token=new_id(), followup=None)
+        batched.insert(0, twice)
+        single.insert(0, attrs.evolve(single[repeat], lease_token=new_id(), followup=None))
+    got_batched = await driver.complete_many(batched)
+    got_single = [await driver.complete(c) for c in single]
+
+    def same(a: Robot | None, b: Robot | None) -> bool:
+        if a is None or b is None:
+            return a is b
+        return attrs.evolve(a, id="x", lease_token=None) == \
+            attrs.evolve(b, id="x", lease_token=None)
+
+    assert [r is None for r in got_batched] == [r is None for r in got_single]
+    assert all(same(a, b) for a, b in zip(got_batched, got_single, strict=True))
+    for a, b, ca, cb in zip(twins[0], twins[1], batched[-len(outcomes):],
+                            single[-len(outcomes):], strict=True):
+        assert same(await stored(driver, a.id), await stored(driver, b.id))
+        assert [(e.status, e.duration_ms, e.error, e.finished_at)
+                for e in await driver.list_executions(a.id)] == \
+            [(e.status, e.duration_ms, e.error, e.finished_at)
+             for e in await driver.list_executions(b.id)]
+        if ca.followup is not None:
+            assert cb.followup is not None
+            assert (await driver.get_robot(ca.followup.id) is None) == \
+                (await driver.get_robot(cb.followup.id) is None)
+
+
+def test_complete_many_ends_robots_as_completing_them_one_by_one(
+    new_driver: Callable[[], StorageDriver],
+) -> None:
+    """A batch goes through set-based SQL; it must end each robot as ``complete`` does:
+    any mix of outcomes, results, retries moved to another module, follow-ups, lost
+    leases, and the same robot twice in a batch."""
+    with start_blocking_portal() as portal:
+        driver = new_driver()
+        portal.call(driver.open)
+        try:
+            portal.call(driver.migrate)
+
+            @settings(max_examples=25, deadline=None)
+            @given(outcomes=st.lists(_outcomes, min_size=1, max_size=6), data=st.data())
+            def check(outcomes: list[dict[str, Any]], data: st.DataObject) -> None:
+                repeat = data.draw(st.one_of(st.none(),
+                                             st.integers(0, len(outcomes) - 1)))
+                portal.call(_complete_twins, driver, outcomes, repeat)
+
+            check()
+        finally:
+            portal.call(driver.close)

@@ -756,12 +756,17 @@ class PostgresDriver:
         """One set-based statement for the whole batch: one round trip, one plan."""
         if not completions:
             return []
-        if len(completions) == 1:
-            params = self._completion_params(completions[0])
-            rows = await self._write(lambda c: _fetchall(c, _Q["complete_robot"], params))
-        else:
-            params = self._completion_columns(completions)
-            rows = await self._write(lambda c: _fetchall(c, _Q["complete_robots"], params))
+        if len(completions) == 1 or len({c.robot_id for c in completions}) < len(completions):
+            # One statement each: a lone completion plans faster so; and a robot twice in
+            # a batch (one of them stale) would join both to its row in the set-based one.
+            async def each(conn: Connection) -> list[DictRow | None]:
+                return [await _fetchone(conn, _Q["complete_robot"], self._completion_params(c))
+                        for c in completions]
+
+            found = await self._write(each)
+            return [None if row is None else robot_from_row(row) for row in found]
+        params = self._completion_columns(completions)
+        rows = await self._write(lambda c: _fetchall(c, _Q["complete_robots"], params))
         by_id = {row["id"]: row for row in rows}
         return [None if (row := by_id.get(c.robot_id)) is None else robot_from_row(row)
                 for c in completions]

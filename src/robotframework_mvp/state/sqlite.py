@@ -43,6 +43,8 @@ __all__ = ["SQLiteDriver", "sqlite_path"]
 T = TypeVar("T")
 _Q = load_queries("sqlite")
 _EPOCH = datetime.fromtimestamp(0, UTC)
+#: RETURNING came in 3.35 (2021); UPDATE ... FROM in 3.33
+MIN_SQLITE_VERSION = (3, 35, 0)
 
 
 def sqlite_path(url: str) -> str:
@@ -75,37 +77,66 @@ def _error(value: str | None) -> ErrorInfo | None:
     return ErrorInfo(type=data["type"], message=data["message"])
 
 
-def robot_from_row(row: sqlite3.Row) -> Robot:
-    followups = None if row["followups"] is None else json.loads(row["followups"])
+#: the robots table's columns in table order: what ``SELECT *`` and ``RETURNING *`` give
+#: (checked when the store opens and after migrations, as rows are decoded by position)
+ROBOT_COLUMNS = (
+    "id", "kind", "payload", "owner", "tenant", "status", "module", "progress",
+    "progress_message", "attempts", "max_attempts", "priority", "idempotency_key", "result",
+    "error", "created_at", "updated_at", "started_at", "finished_at", "scheduled_at",
+    "lease_token", "lease_expires_at", "parent_id", "parent_trigger", "schedule_id",
+    "followups",
+)
+
+
+def robot_from_row(row: Sequence[Any]) -> Robot:
+    """A robot from a ``SELECT *`` / ``RETURNING *`` row of robots.
+
+    By position (ROBOT_COLUMNS): a lookup by name per column costs as much as all the rest
+    of the decoding, and every claim and completion decodes its robots.
+    """
+    (id_, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
+     max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
+     started_at, finished_at, scheduled_at, lease_token, lease_expires_at, parent_id,
+     parent_trigger, schedule_id, followups) = row
+    chain = None if followups is None else json.loads(followups)
     return Robot(
-        id=row["id"],
-        kind=row["kind"],
-        payload=json.loads(row["payload"]),
-        owner=row["owner"],
-        tenant=row["tenant"],
-        status=RobotStatus(row["status"]),
-        module=row["module"],
-        progress=row["progress"],
-        progress_message=row["progress_message"],
-        attempts=row["attempts"],
-        max_attempts=row["max_attempts"],
-        priority=row["priority"],
-        idempotency_key=row["idempotency_key"],
-        result=None if row["result"] is None else json.loads(row["result"]),
-        error=_error(row["error"]),
-        created_at=datetime.fromtimestamp(row["created_at"], UTC),
-        updated_at=datetime.fromtimestamp(row["updated_at"], UTC),
-        started_at=_dt(row["started_at"]),
-        finished_at=_dt(row["finished_at"]),
-        scheduled_at=datetime.fromtimestamp(row["scheduled_at"], UTC),
-        lease_expires_at=_dt(row["lease_expires_at"]),
-        lease_token=row["lease_token"],
-        parent_id=row["parent_id"],
-        parent_trigger=row["parent_trigger"],
-        schedule_id=row["schedule_id"],
-        on_success=followup_from_json(followups, "on_success"),
-        on_failure=followup_from_json(followups, "on_failure"),
+        id=id_,
+        kind=kind,
+        payload=json.loads(payload),
+        owner=owner,
+        tenant=tenant,
+        status=RobotStatus(status),
+        module=module,
+        progress=progress,
+        progress_message=progress_message,
+        attempts=attempts,
+        max_attempts=max_attempts,
+        priority=priority,
+        idempotency_key=idempotency_key,
+        result=None if result is None else json.loads(result),
+        error=_error(error),
+        created_at=datetime.fromtimestamp(created_at, UTC),
+        updated_at=datetime.fromtimestamp(updated_at, UTC),
+        started_at=_dt(started_at),
+        finished_at=_dt(finished_at),
+        scheduled_at=datetime.fromtimestamp(scheduled_at, UTC),
+        lease_expires_at=_dt(lease_expires_at),
+        lease_token=lease_token,
+        parent_id=parent_id,
+        parent_trigger=parent_trigger,
+        schedule_id=schedule_id,
+        on_success=None if chain is None else followup_from_json(chain, "on_success"),
+        on_failure=None if chain is None else followup_from_json(chain, "on_failure"),
     )
+
+
+def _check_robot_columns(conn: sqlite3.Connection) -> None:
+    """Refuse a robots table whose columns differ from ROBOT_COLUMNS (rows decode by position)."""
+    found = tuple(row["name"] for row in conn.execute("PRAGMA table_info(robots)"))
+    if found and found != ROBOT_COLUMNS:
+        raise ConfigError(
+            "the SQLite robots table does not have the columns this version expects: run "
+            f"the migrations of this version (`rfmvp migrate`); found {', '.join(found)}")
 
 
 def schedule_from_row(row: sqlite3.Row) -> Schedule:
@@ -167,6 +198,11 @@ class SQLiteDriver:
     async def open(self) -> None:
         if self._writer is not None:
             return
+        if sqlite3.sqlite_version_info < MIN_SQLITE_VERSION:
+            raise ConfigError(
+                f"SQLite {sqlite3.sqlite_version} is too old: the SQLite driver needs "
+                f"{'.'.join(map(str, MIN_SQLITE_VERSION))} or newer (RETURNING); use a Python "
+                "built against a newer SQLite, or PostgreSQL")
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -177,9 +213,14 @@ class SQLiteDriver:
                 self._read_limiter = self._write_limiter
             else:
                 self._reader = await anyio.to_thread.run_sync(self._connect)
-        except sqlite3.Error as exc:
-            raise ServiceUnavailableError(f"cannot open SQLite database {self.path!r}: {exc}") \
-                from exc
+            await anyio.to_thread.run_sync(_check_robot_columns, self._writer)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await self.close()
+            if isinstance(exc, sqlite3.Error):
+                raise ServiceUnavailableError(
+                    f"cannot open SQLite database {self.path!r}: {exc}") from exc
+            raise
 
     async def close(self) -> None:
         writer, reader = self._writer, self._reader
@@ -240,6 +281,7 @@ class SQLiteDriver:
                 )
                 conn.execute("COMMIT")
                 applied.append(version)
+            _check_robot_columns(conn)
             return applied
 
         conn = self._writer
@@ -297,17 +339,22 @@ class SQLiteDriver:
     async def claim_robots(
         self, *, module: str, limit: int, worker: str, now: datetime, lease_expires_at: datetime
     ) -> list[Claim]:
-        now_ts, lease_ts = now.timestamp(), lease_expires_at.timestamp()
+        ms_hex = f"{int(now.timestamp() * 1000):012x}"
+        params = {"module": module, "limit": limit, "now": now.timestamp(),
+                  "lease_expires_at": lease_expires_at.timestamp(),
+                  "ms_hex8": ms_hex[:8], "ms_hex4": ms_hex[8:]}
 
         def run(conn: sqlite3.Connection) -> list[Claim]:
-            # One by one, each under a UUIDv7 lease token: execution ids are time-ordered,
-            # which the leader's scoring reads them by (execution_id_floor).
-            ids = conn.execute(
-                _Q["select_due_robots"], {"module": module, "now": now_ts, "limit": limit}
-            ).fetchall()
-            claims = [_claim_one(conn, robot_id, module, worker, now, lease_ts)
-                      for (robot_id,) in ids]
-            return [c for c in claims if c is not None]
+            # Set-based: SQLite does the batch in C without the GIL, so the event loop runs
+            # meanwhile; row by row, every row is a round through Python.
+            rows = conn.execute(_Q["claim_due_robots"], params).fetchall()
+            if not rows:
+                return []
+            robots = sorted((robot_from_row(row) for row in rows), key=_queue_order)
+            conn.execute(_Q["insert_claimed_executions"], {
+                "ids": json.dumps([r.id for r in robots]), "module": module, "worker": worker,
+                "now": params["now"]})
+            return [_claim_of(r, module, worker, now) for r in robots]
 
         return await self._write(run)
 
@@ -367,6 +414,8 @@ class SQLiteDriver:
         return (await self.complete_many([completion]))[0]
 
     async def complete_many(self, completions: Sequence[Completion]) -> list[Robot | None]:
+        if len(completions) > 1 and len({c.robot_id for c in completions}) == len(completions):
+            return await self._write(lambda conn: _complete_batch(conn, completions))
         return await self._write(
             lambda conn: [_complete_in(conn, completion) for completion in completions])
 
@@ -733,6 +782,11 @@ class SQLiteDriver:
         return [robot_from_row(r) for r in rows]
 
 
+def _queue_order(robot: Robot) -> tuple[int, datetime, str]:
+    """The order robots leave the queue in (``claim_due_robots``' ORDER BY)."""
+    return -robot.priority, robot.scheduled_at, robot.id
+
+
 def _claim_one(conn: sqlite3.Connection, robot_id: str, module: str, worker: str,
                now: datetime, lease_ts: float) -> Claim | None:
     """Start one queued robot under a fresh lease, with its execution (None: not queued)."""
@@ -742,18 +796,18 @@ def _claim_one(conn: sqlite3.Connection, robot_id: str, module: str, worker: str
     ).fetchone()
     if row is None:
         return None
-    return _start_executions(conn, [robot_from_row(row)], module, worker, now)[0]
+    robot = robot_from_row(row)
+    conn.execute(_Q["insert_execution"], {
+        "id": robot.lease_token, "robot_id": robot.id, "module": module,
+        "attempt": robot.attempts, "worker": worker, "started_at": now.timestamp()})
+    return _claim_of(robot, module, worker, now)
 
 
-def _start_executions(conn: sqlite3.Connection, robots: Sequence[Robot], module: str,
-                      worker: str, now: datetime) -> list[Claim]:
-    """Write the running execution of each robot just claimed (its id: the lease token)."""
-    conn.executemany(_Q["insert_execution"], [
-        {"id": r.lease_token, "robot_id": r.id, "module": module, "attempt": r.attempts,
-         "worker": worker, "started_at": now.timestamp()} for r in robots])
-    return [Claim(robot=r, execution=Execution(
-        id=str(r.lease_token), robot_id=r.id, module=module, attempt=r.attempts,
-        status=ExecutionStatus.RUNNING, worker=worker, started_at=now)) for r in robots]
+def _claim_of(robot: Robot, module: str, worker: str, now: datetime) -> Claim:
+    """A claimed robot with its running execution (whose id is the lease token)."""
+    return Claim(robot=robot, execution=Execution(
+        id=str(robot.lease_token), robot_id=robot.id, module=module, attempt=robot.attempts,
+        status=ExecutionStatus.RUNNING, worker=worker, started_at=now))
 
 
 def _robot_params(robot: Robot) -> dict[str, Any]:
@@ -819,6 +873,31 @@ def _audit_from_row(row: sqlite3.Row) -> tuple[int, AuditEvent]:
         client=row["client"], request_id=row["request_id"], details=json.loads(row["details"]),
         prev_hash=row["prev_hash"], hash=row["hash"],
     )
+
+
+def _complete_batch(conn: sqlite3.Connection, completions: Sequence[Completion]
+                    ) -> list[Robot | None]:
+    """Completions of distinct robots inside an open write transaction, set-based.
+
+    ``_complete_in`` for many at once: two statements whose rows SQLite works through in
+    C, without the GIL, instead of two round trips through Python per completion.
+    """
+    rows = conn.execute(_Q["complete_robots"], {"completions": json.dumps([
+        [c.robot_id, c.lease_token, str(c.status),
+         None if c.result is None else json.dumps(c.result), _error_json(c.error),
+         c.finished_at.timestamp(), _ts(c.scheduled_at), c.module]
+        for c in completions])}).fetchall()
+    by_id = {robot.id: robot for robot in map(robot_from_row, rows)}
+    done = [c for c in completions if c.robot_id in by_id]
+    if done:
+        conn.execute(_Q["finish_executions"], {"executions": json.dumps([
+            [c.lease_token, c.execution_status, c.finished_at.timestamp(), c.duration_ms,
+             _error_json(c.error)] for c in done])})
+    for completion in done:
+        if completion.followup is not None:
+            # In this transaction; an existing (parent_id, parent_trigger) is skipped.
+            conn.execute(_Q["insert_robot"], _robot_params(completion.followup))
+    return [by_id.get(c.robot_id) for c in completions]
 
 
 def _complete_in(conn: sqlite3.Connection, completion: Completion) -> Robot | None:

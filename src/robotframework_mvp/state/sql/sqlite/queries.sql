@@ -25,13 +25,6 @@ WHERE (:tenant IS NULL OR tenant = :tenant)
 ORDER BY id DESC
 LIMIT :limit;
 
--- name: select_due_robots
--- Candidates for a claim, taken under the write lock of BEGIN IMMEDIATE.
-SELECT id FROM robots
-WHERE status = 'queued' AND module = :module AND scheduled_at <= :now
-ORDER BY priority DESC, scheduled_at, id
-LIMIT :limit;
-
 -- name: claim_robot
 UPDATE robots
 SET status = 'running', attempts = attempts + 1, lease_token = :lease_token,
@@ -39,6 +32,31 @@ SET status = 'running', attempts = attempts + 1, lease_token = :lease_token,
     updated_at = :now
 WHERE id = :id AND status = 'queued'
 RETURNING *;
+
+-- name: claim_due_robots
+-- Claim up to :limit due robots of a module in one statement, under the write lock of
+-- BEGIN IMMEDIATE. Each gets a fresh UUIDv7 lease token built here: the millisecond
+-- timestamp comes in as hex (:ms_hex8, :ms_hex4), then version 7, the variant, and 74
+-- random bits. Tokens are execution ids, which the leader's scoring reads by time range.
+UPDATE robots
+SET status = 'running', attempts = attempts + 1,
+    lease_token = :ms_hex8 || '-' || :ms_hex4 || '-7' || substr(lower(hex(randomblob(2))), 2)
+        || '-' || substr('89ab', 1 + (random() & 3), 1) || substr(lower(hex(randomblob(2))), 2)
+        || '-' || lower(hex(randomblob(6))),
+    lease_expires_at = :lease_expires_at, started_at = COALESCE(started_at, :now),
+    updated_at = :now
+WHERE id IN (SELECT id FROM robots
+             WHERE status = 'queued' AND module = :module AND scheduled_at <= :now
+             ORDER BY priority DESC, scheduled_at, id
+             LIMIT :limit)
+RETURNING *;
+
+-- name: insert_claimed_executions
+-- The running execution of each robot just claimed (:ids, a JSON array); its id is the
+-- robot's lease token.
+INSERT INTO executions (id, robot_id, module, attempt, status, worker, started_at)
+SELECT lease_token, id, :module, attempts, 'running', :worker, :now
+FROM robots WHERE id IN (SELECT value FROM json_each(:ids));
 
 -- name: insert_execution
 INSERT INTO executions (id, robot_id, module, attempt, status, worker, started_at)
@@ -75,6 +93,38 @@ RETURNING *;
 UPDATE executions
 SET status = :status, finished_at = :finished_at, duration_ms = :duration_ms, error = :error
 WHERE id = :id AND status = 'running';
+
+-- name: complete_robots
+-- complete_robot for a batch: :completions is a JSON array of
+-- [id, lease_token, status, result, error, now, scheduled_at, module], result and error
+-- as JSON text. Ids are unique within a batch. The unary + keeps the planner on the
+-- primary key (the status index would scan every running robot per completion).
+UPDATE robots
+SET status = json_extract(c.value, '$[2]'),
+    result = json_extract(c.value, '$[3]'),
+    error = json_extract(c.value, '$[4]'),
+    progress = CASE WHEN json_extract(c.value, '$[2]') = 'succeeded' THEN 100 ELSE progress END,
+    finished_at = CASE WHEN json_extract(c.value, '$[2]') = 'queued' THEN NULL
+                       ELSE json_extract(c.value, '$[5]') END,
+    scheduled_at = COALESCE(json_extract(c.value, '$[6]'), scheduled_at),
+    module = COALESCE(json_extract(c.value, '$[7]'), module),
+    lease_token = NULL,
+    lease_expires_at = NULL,
+    updated_at = json_extract(c.value, '$[5]')
+FROM json_each(:completions) AS c
+WHERE robots.id = json_extract(c.value, '$[0]')
+  AND robots.lease_token = json_extract(c.value, '$[1]')
+  AND +robots.status = 'running'
+RETURNING *;
+
+-- name: finish_executions
+-- finish_execution for a batch: :executions is a JSON array of
+-- [id, status, finished_at, duration_ms, error].
+UPDATE executions
+SET status = json_extract(e.value, '$[1]'), finished_at = json_extract(e.value, '$[2]'),
+    duration_ms = json_extract(e.value, '$[3]'), error = json_extract(e.value, '$[4]')
+FROM json_each(:executions) AS e
+WHERE executions.id = json_extract(e.value, '$[0]') AND +executions.status = 'running';
 
 -- name: cancel_robot
 UPDATE robots
