@@ -1,0 +1,109 @@
+"""What is particular to the SQLite driver (the conformance suite covers the rest).
+
+It decodes robot rows by column position, so it must refuse a robots table whose columns
+are not the ones its migrations make, and a SQLite without RETURNING. It runs small
+writes on the event loop, so those must never wait there for another process's lock, and
+the WAL must still be checkpointed.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+from anyio import wait_all_tasks_blocked
+
+from robotframework_mvp.errors import ConfigError, ServiceUnavailableError
+from robotframework_mvp.models import Robot, RobotStatus, new_id, utcnow
+from robotframework_mvp.state import sqlite as sqlite_driver
+from robotframework_mvp.state.sqlite import ROBOT_COLUMNS, SQLiteDriver
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_migrated_robots_table_has_the_columns_rows_are_decoded_by(
+        tmp_path: Path) -> None:
+    driver = SQLiteDriver(f"sqlite:///{tmp_path / 'robots.db'}")
+    await driver.open()
+    try:
+        await driver.migrate()
+    finally:
+        await driver.close()
+    with sqlite3.connect(tmp_path / "robots.db") as conn:
+        columns = tuple(r[1] for r in conn.execute("PRAGMA table_info(robots)"))
+    assert columns == ROBOT_COLUMNS
+    reopened = SQLiteDriver(f"sqlite:///{tmp_path / 'robots.db'}")
+    await reopened.open()  # and opens again without complaint
+    await reopened.close()
+
+
+async def test_a_robots_table_with_other_columns_is_refused_with_what_to_do(
+        tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "robots.db") as conn:
+        conn.execute("CREATE TABLE robots (id TEXT PRIMARY KEY, status TEXT, kind TEXT)")
+    driver = SQLiteDriver(f"sqlite:///{tmp_path / 'robots.db'}")
+    with pytest.raises(ConfigError, match=r"rfmvp migrate.*found id, status, kind"):
+        await driver.open()
+    with pytest.raises(ServiceUnavailableError, match="not open"):  # nothing left open
+        await driver.get_robot("r-1")
+
+
+async def test_a_sqlite_without_returning_is_refused_with_the_version_needed(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sqlite_driver.sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite_driver.sqlite3, "sqlite_version", "3.31.1")
+    driver = SQLiteDriver(f"sqlite:///{tmp_path / 'robots.db'}")
+    with pytest.raises(ConfigError, match=r"SQLite 3\.31\.1 is too old.*3\.35\.0 or newer"):
+        await driver.open()
+
+
+def _robot() -> Robot:
+    return Robot(id=new_id(), kind="ocr", payload={"n": 1}, owner="alice", tenant="acme",
+                 status=RobotStatus.QUEUED, module="ocr-fast",
+                 scheduled_at=utcnow() - timedelta(seconds=1))
+
+
+async def test_a_small_write_waits_off_the_loop_while_another_process_holds_the_lock(
+        tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'robots.db'}"
+    driver = SQLiteDriver(url)
+    await driver.open()
+    try:
+        await driver.migrate()
+        other = sqlite3.connect(tmp_path / "robots.db", isolation_level=None,
+                                check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process is writing
+        created: list[Robot] = []
+
+        async def create() -> None:
+            [(robot, _)] = await driver.create_robots([_robot()])
+            created.append(robot)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(create)
+                await wait_all_tasks_blocked()  # the loop runs on while the write waits
+                assert created == []
+                await anyio.to_thread.run_sync(other.execute, "COMMIT")
+        other.close()
+        assert await driver.get_robot(created[0].id) == created[0]
+    finally:
+        await driver.close()
+
+
+async def test_small_writes_on_the_loop_still_get_the_wal_checkpointed(
+        tmp_path: Path) -> None:
+    driver = SQLiteDriver(f"sqlite:///{tmp_path / 'robots.db'}")
+    await driver.open()
+    try:
+        await driver.migrate()
+        for _ in range(1500):
+            await driver.create_robots([_robot()])
+        # Checkpointed along the way, the WAL was rewound and reused; never checkpointed,
+        # it would hold every page of all 1,500 commits (about 10 each).
+        assert (tmp_path / "robots.db-wal").stat().st_size < 2500 * 4096
+    finally:
+        await driver.close()
