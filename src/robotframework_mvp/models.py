@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "RobotStatus",
     "Schedule",
     "audit_hash",
+    "chain_audit",
     "converter",
     "new_id",
     "utcnow",
@@ -300,6 +302,19 @@ def audit_hash(prev_hash: str | None, event: AuditEvent) -> str:
     }
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def chain_audit(prev_hash: str | None, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+    """``events`` linked in order after the record whose hash is ``prev_hash``."""
+    chained = []
+    for e in events:
+        digest = audit_hash(prev_hash, e)
+        chained.append(AuditEvent(
+            ts=e.ts, principal=e.principal, action=e.action, target=e.target,
+            outcome=e.outcome, client=e.client, request_id=e.request_id, details=e.details,
+            prev_hash=prev_hash, hash=digest))
+        prev_hash = digest
+    return chained
 
 
 def _make_converter() -> cattrs.Converter:

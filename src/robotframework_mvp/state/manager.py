@@ -32,9 +32,13 @@ class StateManager:
         self._creates_claimed = driver if isinstance(driver, CreatesClaimed) else None
 
     async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:
+        """Store new robots. A lone one is cached too (its submitter is about to poll it);
+        a batch is not: most of its robots change state before anyone reads them, and a
+        read fills the cache from the store (``get_robot``)."""
         with self.tracker.measure("state.create_robot"):
             created = await self.driver.create_robots(robots)
-        await self.cache.set_robots([robot for robot, _ in created])
+        if len(created) == 1:
+            await self.cache.set_robots([created[0][0]])
         return created
 
     @property

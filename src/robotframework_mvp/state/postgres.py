@@ -29,7 +29,6 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.abc
-import attrs
 import psycopg
 import psycopg.errors
 from psycopg import sql
@@ -51,7 +50,7 @@ from ..models import (
     Robot,
     RobotStatus,
     Schedule,
-    audit_hash,
+    chain_audit,
 )
 from ..resilience import (
     BreakerPolicy,
@@ -891,24 +890,11 @@ class PostgresDriver:
                     return list(attempted)
                 row = await _fetchone(conn, _Q["last_audit_hash"])
                 prev = None if row is None else row["hash"]
-                chained = []
-                for event in events:
-                    digest = audit_hash(prev, event)
-                    chained.append(attrs.evolve(event, prev_hash=prev, hash=digest))
-                    prev = digest
+                chained = chain_audit(prev, events)
                 attempted[:] = chained
-                await conn.execute(_Q["insert_audit"], {
-                    "ts": [e.ts for e in chained],
-                    "principals": [e.principal for e in chained],
-                    "actions": [e.action for e in chained],
-                    "targets": [e.target for e in chained],
-                    "outcomes": [e.outcome for e in chained],
-                    "clients": [e.client for e in chained],
-                    "request_ids": [e.request_id for e in chained],
-                    "details": [Jsonb(e.details) for e in chained],
-                    "prev_hashes": [e.prev_hash for e in chained],
-                    "hashes": [e.hash for e in chained],
-                })
+                await conn.execute(_Q["insert_audit"], {"records": Jsonb([
+                    [e.ts.isoformat(), e.principal, e.action, e.target, e.outcome, e.client,
+                     e.request_id, e.details, e.prev_hash, e.hash] for e in chained])})
                 return chained
 
         return await self._write(run)

@@ -33,7 +33,7 @@ from ..models import (
     Robot,
     RobotStatus,
     Schedule,
-    audit_hash,
+    chain_audit,
     new_id,
 )
 from .driver import Claim, Completion, ScheduleFire, followup_from_json, followups_json
@@ -562,20 +562,12 @@ class SQLiteDriver:
     async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEvent]:
         def run(conn: sqlite3.Connection) -> list[AuditEvent]:
             row = conn.execute(_Q["last_audit_hash"]).fetchone()
-            prev = None if row is None else row["hash"]
-            chained = []
-            for event in events:
-                digest = audit_hash(prev, event)
-                conn.execute(
-                    _Q["insert_audit"],
-                    {"ts": event.ts.timestamp(), "principal": event.principal,
-                     "action": event.action, "target": event.target, "outcome": event.outcome,
-                     "client": event.client, "request_id": event.request_id,
-                     "details": json.dumps(event.details, sort_keys=True),
-                     "prev_hash": prev, "hash": digest},
-                )
-                chained.append(_with_hash(event, prev, digest))
-                prev = digest
+            chained = chain_audit(None if row is None else row["hash"], events)
+            conn.executemany(_Q["insert_audit"], [
+                {"ts": e.ts.timestamp(), "principal": e.principal, "action": e.action,
+                 "target": e.target, "outcome": e.outcome, "client": e.client,
+                 "request_id": e.request_id, "details": json.dumps(e.details, sort_keys=True),
+                 "prev_hash": e.prev_hash, "hash": e.hash} for e in chained])
             return chained
 
         return await self._write(run)
@@ -881,12 +873,6 @@ def _robot_params(robot: Robot) -> dict[str, Any]:
         "schedule_id": robot.schedule_id,
         "followups": None if (data := followups_json(robot)) is None else json.dumps(data),
     }
-
-
-def _with_hash(event: AuditEvent, prev: str | None, digest: str) -> AuditEvent:
-    from attrs import evolve
-
-    return evolve(event, prev_hash=prev, hash=digest)
 
 
 def _split_sql(script: str) -> list[str]:

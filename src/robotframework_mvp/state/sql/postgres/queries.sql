@@ -385,16 +385,14 @@ SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1;
 SELECT 1 AS found FROM audit_log WHERE ts = %(ts)s AND hash = %(hash)s;
 
 -- name: insert_audit
--- A batch of chained records in one statement; seq follows the batch's order.
+-- A batch of chained records in one statement, as one JSON array of records, each
+-- [ts, principal, action, target, outcome, client, request_id, details, prev_hash, hash]:
+-- one parameter to encode instead of ten arrays of a value each. seq follows the order.
 INSERT INTO audit_log (ts, principal, action, target, outcome, client, request_id, details,
                        prev_hash, hash)
-SELECT ts, principal, action, target, outcome, client, request_id, details, prev_hash, hash
-FROM unnest(
-    %(ts)b::timestamptz[], %(principals)b::text[], %(actions)b::text[], %(targets)b::text[],
-    %(outcomes)b::text[], %(clients)b::text[], %(request_ids)b::text[], %(details)b::jsonb[],
-    %(prev_hashes)b::text[], %(hashes)b::text[]
-) WITH ORDINALITY AS t(ts, principal, action, target, outcome, client, request_id, details,
-                       prev_hash, hash, n)
+SELECT (r ->> 0)::timestamptz, r ->> 1, r ->> 2, r ->> 3, r ->> 4, r ->> 5, r ->> 6, r -> 7,
+       r ->> 8, r ->> 9
+FROM jsonb_array_elements(%(records)s::jsonb) WITH ORDINALITY AS t(r, n)
 ORDER BY n;
 
 -- name: list_audit
