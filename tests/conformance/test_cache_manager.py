@@ -7,6 +7,7 @@ dropped and counted, and the circuit breaker stops calling it. When Redis comes 
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -21,11 +22,21 @@ import attrs
 import pytest
 import redis
 import redis.asyncio
+from anyio.from_thread import start_blocking_portal
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from robotframework_mvp.cache.manager import CacheManager
 from robotframework_mvp.cache.redis import RedisBackend
 from robotframework_mvp.config import CacheConfig, Settings
-from robotframework_mvp.models import ErrorInfo, Robot, RobotStatus, new_id
+from robotframework_mvp.models import (
+    ErrorInfo,
+    FollowUp,
+    Robot,
+    RobotStatus,
+    converter,
+    new_id,
+)
 from robotframework_mvp.plugins import BuiltinPlugin
 
 pytestmark = pytest.mark.anyio
@@ -361,3 +372,57 @@ async def test_the_same_backend_works_again_after_a_redis_restart(
         assert (await backend.rate_limit("rl", 5, 60)).remaining == 4
     finally:
         await backend.close()
+
+
+# --- any robot, through every backend (property) ------------------------------------------
+
+_json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-(2**53), 2**53),
+                       st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=12))
+_json_object = st.dictionaries(
+    st.text(max_size=8),
+    st.recursive(_json_leaf, lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)),
+        max_leaves=8),
+    max_size=4)
+_moments = st.datetimes(min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1),
+                        timezones=st.just(UTC))
+_robots = st.builds(
+    Robot, id=st.uuids().map(str), kind=st.text(min_size=1, max_size=10),
+    payload=_json_object, owner=st.text(max_size=10), tenant=st.text(max_size=10),
+    status=st.sampled_from(RobotStatus), module=st.none() | st.text(max_size=10),
+    progress=st.floats(0, 100), progress_message=st.none() | st.text(max_size=20),
+    attempts=st.integers(0, 10), result=st.none() | _json_object,
+    error=st.none() | st.builds(ErrorInfo, st.text(max_size=10), st.text(max_size=30)),
+    created_at=_moments, updated_at=_moments, started_at=st.none() | _moments,
+    finished_at=st.none() | _moments, scheduled_at=_moments,
+    lease_expires_at=st.none() | _moments, lease_token=st.none() | st.text(max_size=10),
+    parent_id=st.none() | st.uuids().map(str),
+    on_success=st.none() | st.builds(FollowUp, st.text(min_size=1, max_size=8), _json_object))
+
+
+def test_any_robot_comes_back_from_every_cache_as_it_went_in_without_its_lease(
+    cache_url: str, redis_prefix: str,
+) -> None:
+    """Shared caches hold robots as JSON, read by other processes (and versions): the
+    document must be the robot's own JSON (``converter`` + ``json``) and read back equal."""
+    with start_blocking_portal() as portal:
+        backend = BuiltinPlugin().cache_backend(cache_url, Settings())
+        assert backend is not None
+        portal.call(backend.open)
+        try:
+            manager = CacheManager(backend, CacheConfig(key_prefix=redis_prefix))
+
+            @settings(max_examples=60, deadline=None)
+            @given(robot=_robots)
+            def check(robot: Robot) -> None:
+                portal.call(manager.set_robot, robot)
+                assert portal.call(manager.get_robot, robot.id) == \
+                    attrs.evolve(robot, lease_token=None)
+                raw = portal.call(manager.get_bytes, "robot", robot.id)
+                if isinstance(raw, bytes):
+                    expected = converter.unstructure(robot) | {"lease_token": None}
+                    assert json.loads(raw) == json.loads(json.dumps(expected))
+
+            check()
+        finally:
+            portal.call(backend.close)
