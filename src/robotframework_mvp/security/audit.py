@@ -66,15 +66,22 @@ class AuditLog:
         return len(self._buffer)
 
     async def flush(self) -> None:
-        while self._buffer:
-            batch, self._buffer = self._buffer[:_MAX_BATCH], self._buffer[_MAX_BATCH:]
+        """Write the records buffered now, up to ``_MAX_BATCH`` a transaction.
+
+        Records that arrive meanwhile wait for the next flush: draining until the buffer
+        stays empty would, under a steady stream of requests, write them one by one.
+        """
+        pending, self._buffer = self._buffer, []
+        for start in range(0, len(pending), _MAX_BATCH):
+            batch = pending[start:start + _MAX_BATCH]
             try:
                 written = await self.driver.append_audit(batch)
             except Exception:
-                # Keep the records for the next flush rather than lose them.
+                # Keep the records, ahead of any recorded since, for the next flush.
                 self.write_errors += 1
-                self._buffer[:0] = batch
-                log.exception("writing %d audit records failed; will retry", len(batch))
+                self._buffer[:0] = pending[start:]
+                log.exception("writing %d audit records failed; will retry",
+                              len(pending) - start)
                 return
             self.written += len(written)
             if self.on_written is not None:
