@@ -246,38 +246,41 @@ class SQLiteDriver:
         """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction, on a write connection.
 
         In a worker thread, as blocking calls go; except a write of at most
-        ``_INLINE_MAX_ROWS`` robots (``rows``), which runs here on the event loop when
-        nothing else is writing: handing it to a thread and back costs more than the
-        write itself (about 100 us against 30-80 us), twice per robot on the latency
-        path. It cannot block the loop: its connection never waits for the write lock (if
-        another process holds it, the write goes to a thread, which waits) and never
-        checkpoints the WAL (with synchronous=NORMAL, the checkpoint is what fsyncs);
-        after ``_CHECKPOINT_AFTER`` inline commits, one write goes to the thread
-        connection, whose commit runs SQLite's automatic checkpoint when due.
+        ``_INLINE_MAX_ROWS`` robots (``rows``), which runs here on the event loop, after
+        any write under way: handing it to a thread and back costs more than the write
+        itself (about 100 us against 30-80 us), twice per robot on the latency path. It
+        cannot block the loop: its connection never waits for the write lock (if another
+        process holds it, the write goes to a thread, which waits) and never checkpoints
+        the WAL (with synchronous=NORMAL, the checkpoint is what fsyncs); after
+        ``_CHECKPOINT_AFTER`` inline commits, one write goes to the thread connection,
+        whose commit runs SQLite's automatic checkpoint when due.
         """
         conn = self._writer
         if conn is None:
             raise ServiceUnavailableError("the SQLite store is not open")
         inline = self._inline
-        if 0 < rows <= _INLINE_MAX_ROWS and inline is not None \
-                and self._inline_commits < _CHECKPOINT_AFTER:
+        if not (0 < rows <= _INLINE_MAX_ROWS and inline is not None
+                and self._inline_commits < _CHECKPOINT_AFTER):
+            self._inline_commits = 0
+            return await anyio.to_thread.run_sync(_transaction, conn, fn,
+                                                  limiter=self._write_limiter)
+        limiter = self._write_limiter
+        try:
+            limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            # Behind the write under way, then here: queueing each small write for a
+            # thread instead would keep the writer busy, and the next ones off the loop.
+            await limiter.acquire()
+        try:
             try:
-                self._write_limiter.acquire_nowait()
-            except anyio.WouldBlock:
-                pass  # a write is under way in a thread: queue behind it
-            else:
-                try:
-                    inline.execute("BEGIN IMMEDIATE")
-                except sqlite3.OperationalError:
-                    pass  # another process is writing: wait for it in a thread
-                else:
-                    self._inline_commits += 1
-                    return _transaction(inline, fn, begun=True)
-                finally:
-                    self._write_limiter.release()
-        self._inline_commits = 0
-        return await anyio.to_thread.run_sync(_transaction, conn, fn,
-                                              limiter=self._write_limiter)
+                inline.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:  # another process is writing: wait in a thread
+                self._inline_commits = 0
+                return await anyio.to_thread.run_sync(_transaction, conn, fn)
+            self._inline_commits += 1
+            return _transaction(inline, fn, begun=True)
+        finally:
+            limiter.release()
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._reader
