@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["Worker"]
 
 #: robots claimed ahead per module, as a multiple of ``concurrency`` (quick modules only)
-_AHEAD_FACTOR = 3
+_AHEAD_FACTOR = 6
 #: a module is quick when the p95 of its recent attempts here is at most this
 _QUICK_MODULE_MS = 5.0
 #: ... over at least this many attempts
@@ -141,7 +141,7 @@ class Worker:
     @property
     def _held_limit(self) -> int:
         """Most robots held under a lease at once: running, writing their completion (up
-        to three times ``concurrency``) or claimed ahead (as many again)."""
+        to three times ``concurrency``) or claimed ahead (``_AHEAD_FACTOR`` times)."""
         return (4 + _AHEAD_FACTOR) * self.concurrency
 
     def _ahead_room(self, name: str) -> int:

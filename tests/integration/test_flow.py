@@ -53,6 +53,7 @@ from robotframework_mvp.testing import (
     running_orchestrator,
     test_settings,
 )
+from robotframework_mvp.worker import _AHEAD_FACTOR as AHEAD  # robots claimed ahead per slot
 
 pytestmark = pytest.mark.anyio
 
@@ -1307,11 +1308,11 @@ async def test_a_quick_modules_robots_are_claimed_ahead_and_each_runs_once_or_go
         with anyio.fail_after(10):
             await blocking.wait()
         ahead = list(await api.submit_many(
-            [SubmitRequest(kind="stamp", payload={"n": 200 + i}) for i in range(4)],
+            [SubmitRequest(kind="stamp", payload={"n": 200 + i}) for i in range(AHEAD + 1)],
             api_key=TEST_API_KEY))
-        await until_running(ahead, 3)  # the one slot is busy: three are claimed ahead of it
+        await until_running(ahead, AHEAD)  # the one slot is busy: AHEAD are claimed ahead
         statuses = [await _stored_status(sqlite_url, r.id) for r in ahead]
-        assert statuses == [RUNNING, RUNNING, RUNNING, QUEUED]
+        assert statuses == [RUNNING] * AHEAD + [QUEUED]
         cancelled = await orch.cancel(ahead[0].id, api_key=TEST_API_KEY)  # waiting, leased
         assert cancelled.status is CANCELLED
         release.set()
@@ -1329,10 +1330,10 @@ async def test_a_quick_modules_robots_are_claimed_ahead_and_each_runs_once_or_go
         release.set()
         assert (await orch.wait(second.id, api_key=TEST_API_KEY, timeout=10)).status \
             is SUCCEEDED
-    assert [r.status for r in done] == [SUCCEEDED] * 4
-    assert [r.attempts for r in done] == [1] * 4
+    assert [r.status for r in done] == [SUCCEEDED] * (AHEAD + 1)
+    assert [r.attempts for r in done] == [1] * (AHEAD + 1)
     assert 200 not in ran, "the cancelled robot never ran"
-    assert ran.count(201) == ran.count(202) == ran.count(203) == 1
+    assert all(ran.count(200 + i) == 1 for i in range(1, AHEAD + 1))
     for robot in late:  # never started here: back in the queue, the attempt not charged,
         stored, executions = await _read_store(sqlite_url, robot.id)  # or run in time
         assert stored is not None
