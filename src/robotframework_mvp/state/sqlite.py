@@ -187,6 +187,10 @@ class SQLiteDriver:
         # waits for a lock and never checkpoints the WAL.
         self._inline: sqlite3.Connection | None = None
         self._inline_commits = 0
+        # Set when the thread writes under way (serialised by _write_limiter) are done.
+        self._threads_done: anyio.Event | None = None
+        self._thread_writes = 0
+        self._inline_waiting = 0
         self._write_limiter = anyio.CapacityLimiter(1)
         self._read_limiter = anyio.CapacityLimiter(1)
 
@@ -220,8 +224,9 @@ class SQLiteDriver:
         try:
             self._writer = await anyio.to_thread.run_sync(self._connect)
             if self.path == ":memory:":
-                # One in-memory database: every role shares the connection and its lock.
-                self._reader = self._inline = self._writer
+                # One in-memory database: both roles share the connection and its lock,
+                # and every write goes through it (none on the loop, beside a read).
+                self._reader = self._writer
                 self._read_limiter = self._write_limiter
             else:
                 self._reader = await anyio.to_thread.run_sync(self._connect)
@@ -246,41 +251,56 @@ class SQLiteDriver:
         """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction, on a write connection.
 
         In a worker thread, as blocking calls go; except a write of at most
-        ``_INLINE_MAX_ROWS`` robots (``rows``), which runs here on the event loop, after
-        any write under way: handing it to a thread and back costs more than the write
-        itself (about 100 us against 30-80 us), twice per robot on the latency path. It
-        cannot block the loop: its connection never waits for the write lock (if another
-        process holds it, the write goes to a thread, which waits) and never checkpoints
-        the WAL (with synchronous=NORMAL, the checkpoint is what fsyncs); after
-        ``_CHECKPOINT_AFTER`` inline commits, one write goes to the thread connection,
-        whose commit runs SQLite's automatic checkpoint when due.
+        ``_INLINE_MAX_ROWS`` robots (``rows``), which runs here on the event loop once no
+        thread write is under way: handing it to a thread and back costs more than the
+        write itself (about 100 us against 30-80 us), twice per robot on the latency path.
+        It cannot block the loop: its connection never waits for the write lock (if
+        another process holds it, the write goes to a thread, which waits) and never
+        checkpoints the WAL (with synchronous=NORMAL, the checkpoint is what fsyncs);
+        after ``_CHECKPOINT_AFTER`` inline commits, one write goes to the thread
+        connection, whose commit runs SQLite's automatic checkpoint when due. Writes on
+        the loop need no lock among themselves: each runs from start to end in one step.
         """
         conn = self._writer
         if conn is None:
             raise ServiceUnavailableError("the SQLite store is not open")
         inline = self._inline
-        if not (0 < rows <= _INLINE_MAX_ROWS and inline is not None
-                and self._inline_commits < _CHECKPOINT_AFTER):
-            self._inline_commits = 0
+        if inline is None or not 0 < rows <= _INLINE_MAX_ROWS \
+                or self._inline_commits >= _CHECKPOINT_AFTER:
+            return await self._write_in_thread(conn, fn)
+        if self._threads_done is not None:
+            self._inline_waiting += 1
+            try:
+                while (done := self._threads_done) is not None:
+                    await done.wait()  # then each waiting writer runs in turn, no handoff
+            finally:
+                self._inline_waiting -= 1
+        try:
+            inline.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError:  # another process is writing: wait in a thread
+            return await self._write_in_thread(conn, fn)
+        self._inline_commits += 1
+        return _transaction(inline, fn, begun=True)
+
+    async def _write_in_thread(self, conn: sqlite3.Connection,
+                               fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn`` in a transaction in a worker thread, one such write at a time."""
+        # Writes waiting to run on the loop go first, in the gap after the thread writes
+        # under way: a stream of claims and completion batches would starve them.
+        while self._inline_waiting and (done := self._threads_done) is not None:
+            await done.wait()
+        self._inline_commits = 0  # this connection checkpoints on commit when due
+        if self._threads_done is None:
+            self._threads_done = anyio.Event()
+        self._thread_writes += 1
+        try:
             return await anyio.to_thread.run_sync(_transaction, conn, fn,
                                                   limiter=self._write_limiter)
-        limiter = self._write_limiter
-        try:
-            limiter.acquire_nowait()
-        except anyio.WouldBlock:
-            # Behind the write under way, then here: queueing each small write for a
-            # thread instead would keep the writer busy, and the next ones off the loop.
-            await limiter.acquire()
-        try:
-            try:
-                inline.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError:  # another process is writing: wait in a thread
-                self._inline_commits = 0
-                return await anyio.to_thread.run_sync(_transaction, conn, fn)
-            self._inline_commits += 1
-            return _transaction(inline, fn, begun=True)
         finally:
-            limiter.release()
+            self._thread_writes -= 1
+            if self._thread_writes == 0 and self._threads_done is not None:
+                self._threads_done.set()
+                self._threads_done = None
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._reader
