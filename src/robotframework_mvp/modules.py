@@ -99,11 +99,14 @@ class Module:
                 f"module {self.name!r} returned {type(result).__name__}; it must return a dict"
             )
         try:
-            json.dumps(result)
+            text = json.dumps(result)
         except (TypeError, ValueError) as exc:
             raise TypeError(
                 f"module {self.name!r} returned a result that is not JSON: {exc}"
             ) from None
+        if "\\u0000" in text:  # PostgreSQL's jsonb cannot hold it; nor do payloads
+            raise TypeError(f"module {self.name!r} returned a result with a NUL character "
+                            "(U+0000), which is not stored; remove it")
         return result
 
     async def check_health(self) -> bool:

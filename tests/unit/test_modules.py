@@ -166,6 +166,17 @@ async def test_run_rejects_a_result_that_is_not_a_dict(bad: object) -> None:
         await sloppy.run(_robot(), _ctx())
 
 
+@pytest.mark.parametrize("result", [{"text": "a\x00b"}, {"k\x00": 1}, {"n": [{"deep": "\x00"}]}])
+async def test_run_rejects_a_result_with_a_nul_character_no_store_keeps(
+        result: dict[str, object]) -> None:
+    @module("nul")
+    async def nul(robot: Robot, ctx: ModuleContext) -> dict[str, object]:
+        return result
+
+    with pytest.raises(TypeError, match=r"'nul' returned a result with a NUL character"):
+        await nul.run(_robot(), _ctx())
+
+
 async def test_run_rejects_a_non_dict_result_of_a_plain_function_too() -> None:
     @module("sloppy_sync")
     def sloppy_sync(robot: Robot, ctx: ModuleContext) -> object:
