@@ -103,6 +103,7 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
         self._extra_plugins = tuple(plugins)
         self.tracker = PerformanceTracker(window_size=self.settings.performance.window_size)
         self._waiters: dict[str, _Waiter] = {}
+        self._modules_reload: anyio.Event | None = None  # set when the reload under way ends
         self._started = False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -251,8 +252,21 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
         await self.refresh_modules()
 
     async def refresh_modules(self) -> None:
-        """Reload other processes' module records into the LoadBalancer."""
-        self.balancer.set_remote_records(await self.state.list_modules())
+        """Reload other processes' module records into the LoadBalancer.
+
+        One reload at a time: callers that come while one is under way wait for it. When
+        the records turn stale every request in flight asks for a reload, and each one
+        going to the store queued dozens of reads and stalled them all.
+        """
+        if (under_way := self._modules_reload) is not None:
+            await under_way.wait()
+            return
+        self._modules_reload = reload = anyio.Event()
+        try:
+            self.balancer.set_remote_records(await self.state.list_modules())
+        finally:
+            self._modules_reload = None
+            reload.set()
 
     # -- observers ---------------------------------------------------------------------
 

@@ -1415,3 +1415,26 @@ async def test_a_worker_learns_at_its_next_heartbeat_that_its_lease_is_gone(
         stored = await orch.driver.get_robot(robot.id)
     assert stored is not None
     assert (stored.status, stored.result) == (CANCELLED, None)
+
+
+async def test_requests_that_find_the_module_records_stale_share_one_reload(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once a second the balancer's records of other processes' modules turn stale, and
+    every request in flight asks for a reload: one read of the store serves them all."""
+    async with running_orchestrator(echo, settings=test_settings(sqlite_url)) as orch:
+        reads = 0
+        real = orch.state.list_modules
+
+        async def counted() -> Any:
+            nonlocal reads
+            reads += 1
+            return await real()
+
+        monkeypatch.setattr(orch.state, "list_modules", counted)
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(orch.refresh_modules)
+        assert reads == 1
+        await orch.refresh_modules()  # and the next one, after it, reads again
+        assert reads == 2
