@@ -778,6 +778,24 @@ async def test_concurrent_audit_appends_keep_one_unbroken_chain(driver: StorageD
     assert verify_chain(records, anchor=None) is None
 
 
+async def test_two_processes_appending_in_turn_keep_one_unbroken_chain(
+    driver: StorageDriver, new_driver: Callable[[], StorageDriver],
+) -> None:
+    """Each driver links a batch after the last record it saw; another process may have
+    appended since, and the chain must still link up."""
+    other = new_driver()
+    await other.open()
+    try:
+        for n in range(4):
+            await driver.append_audit([audit_event(n * 10 + i) for i in range(2)])
+            await other.append_audit([audit_event(n * 10 + 5)])
+    finally:
+        await other.close()
+    records = await driver.list_audit(after_seq=0, limit=1000)
+    assert len(records) == 12
+    assert verify_chain(records, anchor=None) is None
+
+
 # --- statistics and retention -------------------------------------------------------------
 
 

@@ -193,6 +193,10 @@ class SQLiteDriver:
         self._inline_waiting = 0
         self._write_limiter = anyio.CapacityLimiter(1)
         self._read_limiter = anyio.CapacityLimiter(1)
+        #: the hash of the last audit record this driver wrote (None: none yet, or the
+        #: chain's start), known once it wrote one
+        self._audit_head: str | None = None
+        self._audit_head_known = False
 
     # -- connections -------------------------------------------------------------------
 
@@ -583,17 +587,26 @@ class SQLiteDriver:
     # -- audit -------------------------------------------------------------------------
 
     async def append_audit(self, events: Sequence[AuditEvent]) -> list[AuditEvent]:
+        # The chain is linked here, before the write, after the last record this driver
+        # wrote: the thread then only checks that no other process wrote one since (else
+        # it links again) and inserts, in one statement. Done in the thread, the hashing
+        # and the row by row inserts waited for the GIL the busy loop holds, and every
+        # small write waited for them.
+        head = self._audit_head
+        linked = _audit_records(chain_audit(head, events)) if self._audit_head_known else None
+
         def run(conn: sqlite3.Connection) -> list[AuditEvent]:
             row = conn.execute(_Q["last_audit_hash"]).fetchone()
-            chained = chain_audit(None if row is None else row["hash"], events)
-            conn.executemany(_Q["insert_audit"], [
-                {"ts": e.ts.timestamp(), "principal": e.principal, "action": e.action,
-                 "target": e.target, "outcome": e.outcome, "client": e.client,
-                 "request_id": e.request_id, "details": json.dumps(e.details, sort_keys=True),
-                 "prev_hash": e.prev_hash, "hash": e.hash} for e in chained])
+            prev = None if row is None else row["hash"]
+            chained, records = linked if linked is not None and prev == head \
+                else _audit_records(chain_audit(prev, events))
+            conn.execute(_Q["insert_audit"], {"records": records})
             return chained
 
-        return await self._write(run)
+        chained = await self._write(run, rows=len(events))
+        if chained:
+            self._audit_head, self._audit_head_known = chained[-1].hash, True
+        return chained
 
     async def list_audit(self, *, after_seq: int, limit: int) -> list[tuple[int, AuditEvent]]:
         params = {"after_seq": after_seq, "limit": limit}
@@ -832,6 +845,14 @@ class SQLiteDriver:
         rows = await self._write(
             lambda c: c.execute(_Q["fail_queued_robots"], params).fetchall())
         return [robot_from_row(r) for r in rows]
+
+
+def _audit_records(chained: list[AuditEvent]) -> tuple[list[AuditEvent], str]:
+    """Chained records and ``insert_audit``'s JSON array of them."""
+    return chained, json.dumps([
+        [e.ts.timestamp(), e.principal, e.action, e.target, e.outcome, e.client,
+         e.request_id, json.dumps(e.details, sort_keys=True), e.prev_hash, e.hash]
+        for e in chained])
 
 
 def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], *,

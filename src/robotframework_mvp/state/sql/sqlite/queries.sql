@@ -203,10 +203,17 @@ SELECT * FROM modules ORDER BY name;
 SELECT hash FROM audit_log ORDER BY seq DESC LIMIT 1;
 
 -- name: insert_audit
+-- A batch of chained records in one statement, as one JSON array of records, each
+-- [ts, principal, action, target, outcome, client, request_id, details, prev_hash, hash]
+-- (details as JSON text): SQLite inserts them all in one step. seq follows the order.
 INSERT INTO audit_log (ts, principal, action, target, outcome, client, request_id, details,
                        prev_hash, hash)
-VALUES (:ts, :principal, :action, :target, :outcome, :client, :request_id, :details,
-        :prev_hash, :hash);
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]'),
+       json_extract(value, '$[3]'), json_extract(value, '$[4]'), json_extract(value, '$[5]'),
+       json_extract(value, '$[6]'), json_extract(value, '$[7]'), json_extract(value, '$[8]'),
+       json_extract(value, '$[9]')
+FROM json_each(:records)
+ORDER BY key;
 
 -- name: list_audit
 SELECT * FROM audit_log WHERE seq > :after_seq ORDER BY seq LIMIT :limit;
