@@ -33,7 +33,13 @@ from robotframework_mvp.models import (
     utcnow,
 )
 from robotframework_mvp.security.audit import verify_chain
-from robotframework_mvp.state.driver import Claim, Completion, CreatesClaimed, StorageDriver
+from robotframework_mvp.state.driver import (
+    Claim,
+    Completion,
+    CreatesClaimed,
+    ProgressReport,
+    StorageDriver,
+)
 from robotframework_mvp.state.queries import load_migrations
 from robotframework_mvp.state.sqlite import sqlite_path
 
@@ -949,3 +955,45 @@ def test_complete_many_ends_robots_as_completing_them_one_by_one(
             check()
         finally:
             portal.call(driver.close)
+
+
+# --- progress reports in a batch ------------------------------------------------------------
+
+
+def _batch_progress(driver: StorageDriver) -> Any:
+    """The driver's batch method, or one at a time (a driver may lack the batch)."""
+    many = getattr(driver, "update_progress_many", None)
+    if many is not None:
+        return many
+
+    async def one_by_one(reports: Sequence[ProgressReport], now: datetime) -> list[Any]:
+        return [await driver.update_progress(r.robot_id, r.lease_token, r.progress,
+                                             r.message, now) for r in reports]
+
+    return one_by_one
+
+
+async def test_a_batch_of_progress_reports_is_stored_each_under_its_own_lease(
+    driver: StorageDriver,
+) -> None:
+    robots = [make_robot() for _ in range(4)]
+    await create(driver, *robots)
+    claims = {c.robot.id: c for c in await claim(driver, limit=4)}
+    c0, c1, c2, c3 = (claims[r.id] for r in robots)
+    await driver.update_progress(c1.robot.id, c1.execution.id, 80, "far along", utcnow())
+    done = await _batch_progress(driver)([
+        ProgressReport(c0.robot.id, c0.execution.id, 25, "a quarter"),
+        ProgressReport(c1.robot.id, c1.execution.id, 40, "back?"),  # never goes down
+        ProgressReport(c2.robot.id, "not-my-lease", 90, "stolen"),
+        ProgressReport(c3.robot.id, c3.execution.id, 100, None),
+    ], utcnow())
+    assert [None if r is None else (r.progress, r.progress_message) for r in done] == [
+        (25, "a quarter"), (80, "back?"), None, (100, None)]
+    assert (await stored(driver, c2.robot.id)).progress == 0
+    assert [(await stored(driver, r.id)).progress for r in robots] == [25, 80, 0, 100]
+    # the same robot twice in a batch: both reports apply, the higher progress stays
+    twice = await _batch_progress(driver)([
+        ProgressReport(c0.robot.id, c0.execution.id, 60, "sixty"),
+        ProgressReport(c0.robot.id, c0.execution.id, 50, "fifty")], utcnow())
+    assert [r.progress for r in twice if r is not None] == [60, 60]
+    assert (await stored(driver, c0.robot.id)).progress_message == "fifty"

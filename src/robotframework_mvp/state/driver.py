@@ -27,8 +27,8 @@ from ..models import (
     Schedule,
 )
 
-__all__ = ["Claim", "Completion", "CreatesClaimed", "ScheduleFire", "StorageDriver",
-           "followup_from_json", "followups_json"]
+__all__ = ["Claim", "Completion", "CreatesClaimed", "ProgressReport", "ScheduleFire",
+           "StorageDriver", "followup_from_json", "followups_json"]
 
 
 @attrs.frozen
@@ -60,6 +60,16 @@ class Completion:
     #: a chain's follow-up robot (``parent_id`` and ``parent_trigger`` set), inserted in
     #: the same transaction as this completion, and never twice for one parent and trigger
     followup: Robot | None = None
+
+
+@attrs.frozen
+class ProgressReport:
+    """A module's progress report, written under its robot's lease."""
+
+    robot_id: str
+    lease_token: str
+    progress: float
+    message: str | None = None
 
 
 @attrs.frozen

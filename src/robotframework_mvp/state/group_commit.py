@@ -1,4 +1,6 @@
-"""Group commit: completions that arrive while one is being written share the next write.
+"""Group commit: writes that arrive while one is under way share the next write.
+
+Used for completions and for progress reports.
 
 No timer and no background task: the first caller with nothing in flight writes its own
 completion at once (no added latency when idle); callers that arrive meanwhile queue up,
@@ -9,34 +11,35 @@ load the store sees a few large transactions instead of one per robot.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Generic, TypeVar
 
 import anyio
 
 from ..models import Robot
-from .driver import Completion
 
 __all__ = ["GroupCommitter"]
 
-WriteMany = Callable[[Sequence[Completion]], Awaitable[list[Robot | None]]]
+Item = TypeVar("Item")
+WriteMany = Callable[[Sequence[Item]], Awaitable[list[Robot | None]]]
 
 
-class _Batch:
-    """Completions waiting for the next write, and one event for all of them."""
+class _Batch(Generic[Item]):
+    """Items waiting for the next write, and one event for all of them."""
 
     __slots__ = ("completions", "done", "error", "robots")
 
     def __init__(self) -> None:
-        self.completions: list[Completion] = []
+        self.completions: list[Item] = []
         self.done = anyio.Event()
         self.robots: list[Robot | None] = []
         self.error: BaseException | None = None
 
 
-class GroupCommitter:
-    def __init__(self, write_many: WriteMany, max_batch: int = 500) -> None:
+class GroupCommitter(Generic[Item]):
+    def __init__(self, write_many: WriteMany[Item], max_batch: int = 500) -> None:
         self.write_many = write_many
         self.max_batch = max_batch
-        self._batches: list[_Batch] = []
+        self._batches: list[_Batch[Item]] = []
         self._writing = False
         self.batches = 0
         self.written = 0
@@ -46,7 +49,8 @@ class GroupCommitter:
         """Completions waiting for a write in flight to return."""
         return sum(len(b.completions) for b in self._batches)
 
-    async def complete(self, completion: Completion) -> Robot | None:
+    async def complete(self, completion: Item) -> Robot | None:
+        """Write ``completion`` (any item) with whatever else is waiting for the store."""
         if not self._writing:
             # Nothing in flight: write this one at once, then whatever queued meanwhile.
             self._writing = True
@@ -58,7 +62,7 @@ class GroupCommitter:
         # A write is in flight: whoever finishes it writes this one with the rest.
         batch = self._batches[-1] if self._batches else None
         if batch is None or len(batch.completions) >= self.max_batch:
-            batch = _Batch()
+            batch = _Batch[Item]()
             self._batches.append(batch)
         index = len(batch.completions)
         batch.completions.append(completion)
@@ -67,7 +71,7 @@ class GroupCommitter:
             raise batch.error
         return batch.robots[index]
 
-    async def _write(self, completions: list[Completion]) -> list[Robot | None]:
+    async def _write(self, completions: list[Item]) -> list[Robot | None]:
         robots = await self.write_many(completions)
         self.batches += 1
         self.written += len(completions)

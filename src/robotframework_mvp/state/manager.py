@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from ..cache.manager import CacheManager
 from ..models import Execution, ModuleRecord, Robot, RobotStatus, utcnow
 from ..performance import PerformanceTracker
-from .driver import Claim, Completion, CreatesClaimed, StorageDriver
+from .driver import Claim, Completion, CreatesClaimed, ProgressReport, StorageDriver
 from .group_commit import GroupCommitter
 
 __all__ = ["StateManager"]
@@ -29,6 +29,7 @@ class StateManager:
         self.cache = cache
         self.tracker = tracker
         self._committer = GroupCommitter(self._complete_many)
+        self._progress = GroupCommitter(self._update_progress_many)
         self._creates_claimed = driver if isinstance(driver, CreatesClaimed) else None
 
     async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:
@@ -136,13 +137,22 @@ class StateManager:
     async def update_progress(
         self, robot_id: str, lease_token: str, progress: float, message: str | None
     ) -> Robot | None:
+        """Store a progress report; reports that arrive together share one transaction."""
         with self.tracker.measure("state.update_progress"):
-            robot = await self.driver.update_progress(
-                robot_id, lease_token, progress, message, utcnow()
-            )
-        if robot is not None:
-            await self.cache.set_robot(robot)
-        return robot
+            return await self._progress.complete(
+                ProgressReport(robot_id, lease_token, progress, message))
+
+    async def _update_progress_many(self, reports: Sequence[ProgressReport]
+                                    ) -> list[Robot | None]:
+        now = utcnow()
+        write_many = getattr(self.driver, "update_progress_many", None)
+        if write_many is None:  # a third-party driver without the batch method
+            robots = [await self.driver.update_progress(
+                r.robot_id, r.lease_token, r.progress, r.message, now) for r in reports]
+        else:
+            robots = await write_many(reports, now)
+        await self.cache.set_robots([r for r in robots if r is not None])
+        return robots
 
     async def complete(self, completion: Completion) -> Robot | None:
         """Store how an attempt ended; concurrent completions share one transaction."""

@@ -60,7 +60,14 @@ from ..resilience import (
     infrastructure_retrying,
 )
 from .availability import PROBE_TIMEOUT, StoreAvailability
-from .driver import Claim, Completion, ScheduleFire, followup_from_json, followups_json
+from .driver import (
+    Claim,
+    Completion,
+    ProgressReport,
+    ScheduleFire,
+    followup_from_json,
+    followups_json,
+)
 from .queries import load_migrations, load_queries
 
 __all__ = ["PostgresDriver", "describe_url", "is_transient"]
@@ -747,6 +754,21 @@ class PostgresDriver:
                   "message": message, "now": now}
         row = await self._write(lambda c: _fetchone(c, _Q["update_progress"], params))
         return None if row is None else robot_from_row(row)
+
+    async def update_progress_many(self, reports: Sequence[ProgressReport], now: datetime
+                                   ) -> list[Robot | None]:
+        """Progress reports in one statement (one at a time if a robot repeats)."""
+        if len({r.robot_id for r in reports}) < len(reports) or len(reports) == 1:
+            return [await self.update_progress(r.robot_id, r.lease_token, r.progress,
+                                               r.message, now) for r in reports]
+        params = {"id": [r.robot_id for r in reports],
+                  "lease_token": [r.lease_token for r in reports],
+                  "progress": [float(r.progress) for r in reports],
+                  "message": [r.message for r in reports], "now": now}
+        rows = await self._write(lambda c: _fetchall(c, _Q["update_progress_many"], params))
+        by_id = {row["id"]: row for row in rows}
+        return [None if (row := by_id.get(r.robot_id)) is None else robot_from_row(row)
+                for r in reports]
 
     async def complete(self, completion: Completion) -> Robot | None:
         return (await self.complete_many([completion]))[0]

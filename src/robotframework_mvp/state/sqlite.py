@@ -36,7 +36,14 @@ from ..models import (
     chain_audit,
     new_id,
 )
-from .driver import Claim, Completion, ScheduleFire, followup_from_json, followups_json
+from .driver import (
+    Claim,
+    Completion,
+    ProgressReport,
+    ScheduleFire,
+    followup_from_json,
+    followups_json,
+)
 from .queries import load_migrations, load_queries
 
 __all__ = ["SQLiteDriver", "sqlite_path"]
@@ -470,6 +477,20 @@ class SQLiteDriver:
         row = await self._write(lambda c: c.execute(_Q["update_progress"], params).fetchone(),
                                 rows=1)
         return None if row is None else robot_from_row(row)
+
+    async def update_progress_many(self, reports: Sequence[ProgressReport], now: datetime
+                                   ) -> list[Robot | None]:
+        """Progress reports in one statement (one at a time if a robot repeats)."""
+        if len({r.robot_id for r in reports}) < len(reports) or len(reports) == 1:
+            return [await self.update_progress(r.robot_id, r.lease_token, r.progress,
+                                               r.message, now) for r in reports]
+        params = {"now": now.timestamp(), "reports": json.dumps(
+            [[r.robot_id, r.lease_token, float(r.progress), r.message] for r in reports])}
+        rows = await self._write(
+            lambda c: c.execute(_Q["update_progress_many"], params).fetchall(),
+            rows=len(reports))
+        by_id = {robot.id: robot for robot in map(robot_from_row, rows)}
+        return [by_id.get(r.robot_id) for r in reports]
 
     async def complete(self, completion: Completion) -> Robot | None:
         return (await self.complete_many([completion]))[0]

@@ -146,6 +146,21 @@ RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_m
               updated_at, started_at, finished_at, scheduled_at, lease_token,
               lease_expires_at, parent_id, parent_trigger, schedule_id, followups;
 
+-- name: update_progress_many
+-- update_progress for a batch: each parameter is the array of update_progress's parameter
+-- of the same name. Ids are unique within a batch.
+UPDATE robots r
+SET progress = GREATEST(r.progress, i.progress), progress_message = i.message,
+    updated_at = %(now)s
+FROM unnest(%(id)b::text[], %(lease_token)b::text[], %(progress)b::float8[],
+            %(message)b::text[]) AS i(id, token, progress, message)
+WHERE r.id = i.id AND r.lease_token = i.token AND r.status = 'running'
+RETURNING r.id, r.kind, r.payload, r.owner, r.tenant, r.status, r.module, r.progress,
+          r.progress_message, r.attempts, r.max_attempts, r.priority, r.idempotency_key,
+          r.result, r.error, r.created_at, r.updated_at, r.started_at, r.finished_at,
+          r.scheduled_at, r.lease_token, r.lease_expires_at, r.parent_id, r.parent_trigger,
+          r.schedule_id, r.followups;
+
 -- name: complete_robots
 -- End a batch of attempts in one statement: each robot to its terminal status, or back
 -- to queued for a retry; its execution; a chain's follow-up. A row whose lease is gone

@@ -94,6 +94,18 @@ UPDATE executions
 SET status = :status, finished_at = :finished_at, duration_ms = :duration_ms, error = :error
 WHERE id = :id AND status = 'running';
 
+-- name: update_progress_many
+-- update_progress for a batch: :reports is a JSON array of [id, lease_token, progress,
+-- message]. Ids are unique within a batch; the unary + keeps the planner on the key.
+UPDATE robots
+SET progress = MAX(progress, json_extract(p.value, '$[2]')),
+    progress_message = json_extract(p.value, '$[3]'), updated_at = :now
+FROM json_each(:reports) AS p
+WHERE robots.id = json_extract(p.value, '$[0]')
+  AND robots.lease_token = json_extract(p.value, '$[1]')
+  AND +robots.status = 'running'
+RETURNING *;
+
 -- name: complete_robots
 -- complete_robot for a batch: :completions is a JSON array of
 -- [id, lease_token, status, result, error, now, scheduled_at, module], result and error
