@@ -46,7 +46,7 @@ async def test_completions_arriving_during_a_write_share_the_next_one() -> None:
     results: dict[int, Robot | None] = {}
 
     async def complete(i: int) -> None:
-        results[i] = await committer.complete(_completion(i))
+        results[i] = await committer.write(_completion(i))
 
     async with anyio.create_task_group() as tg:
         for i in range(6):
@@ -72,7 +72,7 @@ async def test_a_failed_write_fails_every_completion_of_its_batch_and_no_other()
 
     committer = GroupCommitter(write_many)
     with pytest.raises(ConnectionError):
-        await committer.complete(_completion(1))
-    robot = await committer.complete(_completion(2))
+        await committer.write(_completion(1))
+    robot = await committer.write(_completion(2))
     assert robot is not None
     assert robot.id == "r2"

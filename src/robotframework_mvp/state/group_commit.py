@@ -3,7 +3,7 @@
 Used for completions and for progress reports.
 
 No timer and no background task: the first caller with nothing in flight writes its own
-completion at once (no added latency when idle); callers that arrive meanwhile queue up,
+item at once (no added latency when idle); callers that arrive meanwhile queue up,
 and when that write returns, one of them writes the whole queue in one transaction. Under
 load the store sees a few large transactions instead of one per robot.
 """
@@ -26,10 +26,10 @@ WriteMany = Callable[[Sequence[Item]], Awaitable[list[Robot | None]]]
 class _Batch(Generic[Item]):
     """Items waiting for the next write, and one event for all of them."""
 
-    __slots__ = ("completions", "done", "error", "robots")
+    __slots__ = ("done", "error", "items", "robots")
 
     def __init__(self) -> None:
-        self.completions: list[Item] = []
+        self.items: list[Item] = []
         self.done = anyio.Event()
         self.robots: list[Robot | None] = []
         self.error: BaseException | None = None
@@ -46,35 +46,36 @@ class GroupCommitter(Generic[Item]):
 
     @property
     def queued(self) -> int:
-        """Completions waiting for a write in flight to return."""
-        return sum(len(b.completions) for b in self._batches)
+        """Items waiting for a write in flight to return."""
+        return sum(len(b.items) for b in self._batches)
 
-    async def complete(self, completion: Item) -> Robot | None:
-        """Write ``completion`` (any item) with whatever else is waiting for the store."""
+    async def write(self, item: Item) -> Robot | None:
+        """Write ``item`` with whatever else is waiting for the store; its robot as stored
+        (None: its lease is gone)."""
         if not self._writing:
             # Nothing in flight: write this one at once, then whatever queued meanwhile.
             self._writing = True
             try:
-                robot = (await self._write([completion]))[0]
+                robot = (await self._write([item]))[0]
             finally:
                 await self._drain()
             return robot
         # A write is in flight: whoever finishes it writes this one with the rest.
         batch = self._batches[-1] if self._batches else None
-        if batch is None or len(batch.completions) >= self.max_batch:
+        if batch is None or len(batch.items) >= self.max_batch:
             batch = _Batch[Item]()
             self._batches.append(batch)
-        index = len(batch.completions)
-        batch.completions.append(completion)
+        index = len(batch.items)
+        batch.items.append(item)
         await batch.done.wait()
         if batch.error is not None:
             raise batch.error
         return batch.robots[index]
 
-    async def _write(self, completions: list[Item]) -> list[Robot | None]:
-        robots = await self.write_many(completions)
+    async def _write(self, items: list[Item]) -> list[Robot | None]:
+        robots = await self.write_many(items)
         self.batches += 1
-        self.written += len(completions)
+        self.written += len(items)
         return robots
 
     async def _drain(self) -> None:
@@ -83,7 +84,7 @@ class GroupCommitter(Generic[Item]):
             while self._batches:
                 batch = self._batches.pop(0)
                 try:
-                    batch.robots = await self._write(batch.completions)
+                    batch.robots = await self._write(batch.items)
                 except Exception as exc:
                     batch.error = exc
                 finally:

@@ -28,7 +28,7 @@ class StateManager:
         self.driver = driver
         self.cache = cache
         self.tracker = tracker
-        self._committer = GroupCommitter(self._complete_many)
+        self._completions = GroupCommitter(self._complete_many)
         self._progress = GroupCommitter(self._update_progress_many)
         self._creates_claimed = driver if isinstance(driver, CreatesClaimed) else None
 
@@ -139,7 +139,7 @@ class StateManager:
     ) -> Robot | None:
         """Store a progress report; reports that arrive together share one transaction."""
         with self.tracker.measure("state.update_progress"):
-            return await self._progress.complete(
+            return await self._progress.write(
                 ProgressReport(robot_id, lease_token, progress, message))
 
     async def _update_progress_many(self, reports: Sequence[ProgressReport]
@@ -157,7 +157,7 @@ class StateManager:
     async def complete(self, completion: Completion) -> Robot | None:
         """Store how an attempt ended; concurrent completions share one transaction."""
         with self.tracker.measure("state.complete_robot"):
-            return await self._committer.complete(completion)
+            return await self._completions.write(completion)
 
     async def _complete_many(self, completions: Sequence[Completion]) -> list[Robot | None]:
         write_many = getattr(self.driver, "complete_many", None)
