@@ -265,7 +265,7 @@ class SQLiteDriver:
         ``_INLINE_MAX_ROWS`` robots (``rows``), which runs here on the event loop once no
         thread write is under way: handing it to a thread and back costs more than the
         write itself (about 100 us against 30-80 us), twice per robot on the latency path.
-        It cannot block the loop: its connection never waits for the write lock (if
+        It never waits on the database there: its connection never waits for the lock (if
         another process holds it, the write goes to a thread, which waits) and never
         checkpoints the WAL (with synchronous=NORMAL, the checkpoint is what fsyncs);
         after ``_CHECKPOINT_AFTER`` inline commits, one write goes to the thread
