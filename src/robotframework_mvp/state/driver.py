@@ -28,7 +28,7 @@ from ..models import (
 )
 
 __all__ = ["Claim", "Completion", "CreatesClaimed", "ProgressReport", "ScheduleFire",
-           "StorageDriver", "followup_from_json", "followups_json"]
+           "StorageDriver", "followup_from_json", "followups_json", "set_based"]
 
 
 @attrs.frozen
@@ -94,6 +94,13 @@ def followups_json(robot: Robot) -> dict[str, Any] | None:
            for name, f in (("on_success", robot.on_success), ("on_failure", robot.on_failure))
            if f is not None}
     return out or None
+
+
+def set_based(batch: Sequence[Completion] | Sequence[ProgressReport]) -> bool:
+    """Whether a batch can go as one set-based statement: more than one item, and no
+    robot twice (the statement would join both items to the robot's one row, so a
+    stale item could take the place of the current one). Else: one item at a time."""
+    return len(batch) > 1 and len({item.robot_id for item in batch}) == len(batch)
 
 
 def followup_from_json(data: dict[str, Any] | None, name: str) -> FollowUp | None:

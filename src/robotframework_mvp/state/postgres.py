@@ -67,6 +67,7 @@ from .driver import (
     ScheduleFire,
     followup_from_json,
     followups_json,
+    set_based,
 )
 from .queries import load_migrations, load_queries
 
@@ -758,7 +759,7 @@ class PostgresDriver:
     async def update_progress_many(self, reports: Sequence[ProgressReport], now: datetime
                                    ) -> list[Robot | None]:
         """Progress reports in one statement (one at a time if a robot repeats)."""
-        if len({r.robot_id for r in reports}) < len(reports) or len(reports) == 1:
+        if not set_based(reports):
             return [await self.update_progress(r.robot_id, r.lease_token, r.progress,
                                                r.message, now) for r in reports]
         params = {"id": [r.robot_id for r in reports],
@@ -777,9 +778,8 @@ class PostgresDriver:
         """One set-based statement for the whole batch: one round trip, one plan."""
         if not completions:
             return []
-        if len(completions) == 1 or len({c.robot_id for c in completions}) < len(completions):
-            # One statement each: a lone completion plans faster so; and a robot twice in
-            # a batch (one of them stale) would join both to its row in the set-based one.
+        if not set_based(completions):
+            # One statement each (a lone completion also plans faster so).
             async def each(conn: Connection) -> list[DictRow | None]:
                 return [await _fetchone(conn, _Q["complete_robot"], self._completion_params(c))
                         for c in completions]

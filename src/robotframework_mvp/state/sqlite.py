@@ -43,6 +43,7 @@ from .driver import (
     ScheduleFire,
     followup_from_json,
     followups_json,
+    set_based,
 )
 from .queries import load_migrations, load_queries
 
@@ -481,7 +482,7 @@ class SQLiteDriver:
     async def update_progress_many(self, reports: Sequence[ProgressReport], now: datetime
                                    ) -> list[Robot | None]:
         """Progress reports in one statement (one at a time if a robot repeats)."""
-        if len({r.robot_id for r in reports}) < len(reports) or len(reports) == 1:
+        if not set_based(reports):
             return [await self.update_progress(r.robot_id, r.lease_token, r.progress,
                                                r.message, now) for r in reports]
         params = {"now": now.timestamp(), "reports": json.dumps(
@@ -496,7 +497,7 @@ class SQLiteDriver:
         return (await self.complete_many([completion]))[0]
 
     async def complete_many(self, completions: Sequence[Completion]) -> list[Robot | None]:
-        if len(completions) > 1 and len({c.robot_id for c in completions}) == len(completions):
+        if set_based(completions):
             return await self._write(lambda conn: _complete_batch(conn, completions),
                                      rows=len(completions))
         return await self._write(
