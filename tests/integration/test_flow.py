@@ -1438,3 +1438,27 @@ async def test_requests_that_find_the_module_records_stale_share_one_reload(
         assert reads == 1
         await orch.refresh_modules()  # and the next one, after it, reads again
         assert reads == 2
+
+
+async def test_a_status_read_from_the_store_never_replaces_a_newer_one_in_the_cache(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cache miss reads the store; if the robot changes while that read is under way
+    (its new state written through to the cache), the older state read must not then be
+    put in the cache over it."""
+    settings = flow_settings(sqlite_url, worker={"enabled": False})
+    async with running_orchestrator(echo, settings=settings) as orch:
+        first, _ = await orch.submit_many(  # a batch: not in the cache until read
+            [SubmitRequest(kind="echo", payload={"n": n}) for n in range(2)],
+            api_key=TEST_API_KEY)
+        real = orch.state.driver.get_robot
+
+        async def read_then_cancelled(robot_id: str) -> Any:
+            stored = await real(robot_id)  # queued, as the store says now...
+            await orch.state.cancel(robot_id)  # ...and then the robot changes
+            return stored
+
+        monkeypatch.setattr(orch.state.driver, "get_robot", read_then_cancelled)
+        assert (await orch.state.get_robot(first.id)).status is RobotStatus.QUEUED
+        monkeypatch.setattr(orch.state.driver, "get_robot", real)
+        assert (await orch.state.get_robot(first.id)).status is CANCELLED

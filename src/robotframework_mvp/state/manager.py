@@ -34,8 +34,8 @@ class StateManager:
 
     async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:
         """Store new robots. A lone one is cached too (its submitter is about to poll it);
-        a batch is not: most of its robots change state before anyone reads them, and a
-        read fills the cache from the store (``get_robot``)."""
+        a batch is not: most of its robots change state before anyone reads them, and
+        their next change puts them there."""
         with self.tracker.measure("state.create_robot"):
             created = await self.driver.create_robots(robots)
         if len(created) == 1:
@@ -75,13 +75,18 @@ class StateManager:
         return claim
 
     async def get_robot(self, robot_id: str, *, fresh: bool = False) -> Robot | None:
-        """From the cache when it has the robot (unless ``fresh``), else from the store."""
+        """From the cache when it has the robot (unless ``fresh``), else from the store.
+
+        What the store says fills the cache only for a finished robot. One still moving
+        may change while the read is under way, and its change goes to the cache then:
+        the older state read must not be put over it. Its next change fills the cache.
+        """
         if not fresh:
             cached = await self.cache.get_robot(robot_id)
             if cached is not None:
                 return cached
         robot = await self.driver.get_robot(robot_id)
-        if robot is not None:
+        if robot is not None and robot.is_terminal:
             await self.cache.set_robot(robot)
         return robot
 
