@@ -49,15 +49,44 @@ async def test_completions_arriving_during_a_write_share_the_next_one() -> None:
         results[i] = await committer.write(_completion(i))
 
     async with anyio.create_task_group() as tg:
-        for i in range(6):
+        tg.start_soon(complete, 0)
+        with anyio.fail_after(5):
+            while not store.batches:  # r0's write is under way
+                await anyio.lowlevel.checkpoint()
+        for i in range(1, 6):
             tg.start_soon(complete, i)
         with anyio.fail_after(5):
-            while len(store.batches) < 1 or committer.queued < 5:
+            while committer.queued < 5:
                 await anyio.lowlevel.checkpoint()
         store.release.set()
     assert store.batches == [["r0"], ["r1", "r2", "r3", "r4", "r5"]]
     assert {i: None if r is None else r.id for i, r in results.items()} == {
         0: "r0", 1: "r1", 2: "r2", 3: None, 4: "r4", 5: "r5"}
+
+
+async def test_completions_ready_together_share_a_write_that_never_yields() -> None:
+    """A write that runs without yielding (SQLite's inline write of a few robots) gets
+    no company while it runs; robots finishing in the same turn of the loop must still
+    share it, or every robot pays a transaction of its own under load."""
+    batches: list[list[str]] = []
+
+    async def write_many(completions: Sequence[Completion]) -> list[Robot | None]:
+        batches.append([c.robot_id for c in completions])
+        return [_robot(c.robot_id) for c in completions]
+
+    committer = GroupCommitter(write_many)
+    results: dict[int, str] = {}
+
+    async def complete(i: int) -> None:
+        robot = await committer.write(_completion(i))
+        assert robot is not None
+        results[i] = robot.id
+
+    async with anyio.create_task_group() as tg:
+        for i in range(6):
+            tg.start_soon(complete, i)
+    assert batches == [["r0", "r1", "r2", "r3", "r4", "r5"]]
+    assert results == {i: f"r{i}" for i in range(6)}
 
 
 async def test_a_failed_write_fails_every_completion_of_its_batch_and_no_other() -> None:

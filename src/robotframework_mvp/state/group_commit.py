@@ -3,8 +3,9 @@
 Used for completions and for progress reports.
 
 No timer and no background task: the first caller with nothing in flight writes its own
-item at once (no added latency when idle); callers that arrive meanwhile queue up,
-and when that write returns, one of them writes the whole queue in one transaction. Under
+item after one turn of the event loop (no added latency when idle), with those of the
+callers that arrived in that turn; callers that arrive while it writes queue up, and when
+that write returns, it writes the whole queue in one transaction. Under
 load the store sees a few large transactions instead of one per robot.
 """
 
@@ -53,13 +54,21 @@ class GroupCommitter(Generic[Item]):
         """Write ``item`` with whatever else is waiting for the store; its robot as stored
         (None: its lease is gone)."""
         if not self._writing:
-            # Nothing in flight: write this one at once, then whatever queued meanwhile.
+            # Nothing in flight: this caller writes. It first lets the tasks that are
+            # ready now run (one turn of the loop, a few microseconds when idle), so that
+            # robots finishing together share its write even when the write itself runs
+            # on the loop without yielding (a SQLite write of a few robots does).
             self._writing = True
+            batch = _Batch[Item]()
+            batch.items.append(item)
+            self._batches.append(batch)
             try:
-                robot = (await self._write([item]))[0]
+                await anyio.lowlevel.cancel_shielded_checkpoint()
             finally:
                 await self._drain()
-            return robot
+            if batch.error is not None:
+                raise batch.error
+            return batch.robots[0]
         # A write is in flight: whoever finishes it writes this one with the rest.
         batch = self._batches[-1] if self._batches else None
         if batch is None or len(batch.items) >= self.max_batch:
