@@ -111,6 +111,10 @@ class Worker:
         self._stopping = False
         #: the task group robots run in, while the worker runs (None before and after)
         self._robots_tg: TaskGroup | None = None
+        #: robots started and not yet picked up by a runner task, in start order
+        self._starts: deque[tuple[Claim, anyio.CancelScope]] = deque()
+        #: runner tasks waiting for a robot: each waits on its own event
+        self._idle_runners: list[anyio.Event] = []
         self._idle = anyio.Event()
         #: robots whose module is running: what ``concurrency`` bounds
         self.executing = 0
@@ -393,7 +397,28 @@ class Worker:
             self.stats[claim.execution.module].load += 1
             self.executing += 1
         self.claimed += 1
-        tg.start_soon(self._execute, claim, scope)
+        self._starts.append((claim, scope))
+        if self._idle_runners:
+            self._idle_runners.pop().set()
+        else:
+            tg.start_soon(self._runner)
+
+    async def _runner(self) -> None:
+        """Run started robots one after another, then wait for the next one.
+
+        Robots run in long-lived runner tasks rather than a task each: spawning a task
+        (with its cancel scope and event) cost more than the rest of a no-op robot's start.
+        There are as many runners as robots ever ran or wrote their completion at once;
+        ``_drain`` cancels the idle ones when the worker stops.
+        """
+        starts = self._starts
+        while True:
+            while starts:
+                claim, scope = starts.popleft()
+                await self._execute(claim, scope)
+            wake = anyio.Event()
+            self._idle_runners.append(wake)
+            await wake.wait()
 
     # -- one robot ---------------------------------------------------------------------
 
