@@ -102,7 +102,10 @@ def is_noop(tracer: Tracer) -> bool:
     robot); a provider the application sets later is honoured within a second.
     """
     trace = _trace_api()
-    if isinstance(tracer, trace.NoOpTracer):
+    cls = type(tracer)  # the exact type first: isinstance on these ABCs costs a microsecond
+    if cls is trace.ProxyTracer:
+        return _global_provider.is_noop()
+    if cls is trace.NoOpTracer or isinstance(tracer, trace.NoOpTracer):
         return True
     return isinstance(tracer, trace.ProxyTracer) and _global_provider.is_noop()
 
