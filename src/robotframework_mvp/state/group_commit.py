@@ -59,16 +59,16 @@ class GroupCommitter(Generic[Item]):
             # robots finishing together share its write even when the write itself runs
             # on the loop without yielding (a SQLite write of a few robots does).
             self._writing = True
-            batch = _Batch[Item]()
-            batch.items.append(item)
-            self._batches.append(batch)
+            first = _Batch[Item]()
+            first.items.append(item)
+            self._batches.append(first)
             try:
                 await anyio.lowlevel.cancel_shielded_checkpoint()
             finally:
                 await self._drain()
-            if batch.error is not None:
-                raise batch.error
-            return batch.robots[0]
+            if first.error is not None:
+                raise first.error
+            return first.robots[0]
         # A write is in flight: whoever finishes it writes this one with the rest.
         batch = self._batches[-1] if self._batches else None
         if batch is None or len(batch.items) >= self.max_batch:
