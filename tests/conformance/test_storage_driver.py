@@ -250,6 +250,18 @@ async def test_a_batch_stores_each_new_robot_and_returns_the_stored_one_for_a_kn
     assert await driver.get_robot(again.id) is None
 
 
+async def test_a_batch_naming_one_idempotency_key_twice_stores_one_robot_for_both(
+    driver: StorageDriver,
+) -> None:
+    """Submissions of one robot each share a write (group commit): two of them may carry
+    the same key, and must get what two separate writes would give them."""
+    first = make_robot(idempotency_key="k")
+    second = make_robot(idempotency_key="k")
+    created = await driver.create_robots([first, second])
+    assert [(r.id, new) for r, new in created] == [(first.id, True), (first.id, False)]
+    assert await driver.get_robot(second.id) is None
+
+
 async def test_list_robots_filters_by_tenant_status_and_kind(driver: StorageDriver) -> None:
     a = make_robot(tenant="acme", kind="ocr")
     b = make_robot(tenant="acme", kind="mail")

@@ -1215,6 +1215,87 @@ async def test_a_slot_frees_when_its_module_returns_while_the_completion_is_writ
     assert ran == [1, 2]
 
 
+class HeldCreates(SQLiteDriver):
+    """The real SQLite driver: notes each create write's robots; the first write waits
+    until the test lets it go, and a robot whose payload says ``refuse`` fails its write."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.writes: list[list[str]] = []
+        self.release = anyio.Event()
+
+    async def create_robots(self, robots: Any) -> list[tuple[Robot, bool]]:
+        self.writes.append([r.payload["n"] for r in robots])
+        if len(self.writes) == 1:
+            await self.release.wait()
+        if any(r.payload.get("refuse") for r in robots):
+            raise ValueError("this store refuses robots that ask for it")
+        return await super().create_robots(robots)
+
+
+async def _submit_one_by_one_while_the_first_write_is_held(
+    sqlite_url: str, payloads: list[dict[str, Any]],
+) -> tuple[HeldCreates, dict[int, Robot | Exception]]:
+    driver = HeldCreates(sqlite_url)
+
+    class Store:
+        @hookimpl
+        def storage_driver(self, url: str, settings: Settings) -> SQLiteDriver:
+            return driver
+
+    outcomes: dict[int, Robot | Exception] = {}
+    settings = flow_settings(sqlite_url, worker={"enabled": False})
+    async with Orchestrator(settings, modules=[echo], plugins=[Store()]) as orch:
+
+        async def submit(payload: dict[str, Any]) -> None:
+            try:
+                outcomes[payload["n"]] = await orch.submit("echo", payload,
+                                                           api_key=TEST_API_KEY)
+            except ValueError as exc:
+                outcomes[payload["n"]] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit, payloads[0])
+            with anyio.fail_after(10):
+                while not driver.writes:  # the first submission's write is under way
+                    await anyio.lowlevel.checkpoint()
+            for payload in payloads[1:]:
+                tg.start_soon(submit, payload)
+            with anyio.fail_after(10):
+                while orch.state._creates.queued < len(payloads) - 1:
+                    await anyio.lowlevel.checkpoint()
+            driver.release.set()
+        for n, outcome in outcomes.items():
+            if isinstance(outcome, Robot):
+                stored = await orch.driver.get_robot(outcome.id)
+                assert stored is not None
+                assert stored.payload["n"] == n
+    return driver, outcomes
+
+
+async def test_robots_submitted_one_at_a_time_meanwhile_share_one_write(
+    sqlite_url: str,
+) -> None:
+    driver, outcomes = await _submit_one_by_one_while_the_first_write_is_held(
+        sqlite_url, [{"n": n} for n in range(20)])
+    assert driver.writes == [[0], list(range(1, 20))]
+    assert all(isinstance(o, Robot) and o.status is QUEUED for o in outcomes.values())
+    assert len({o.id for o in outcomes.values() if isinstance(o, Robot)}) == 20
+
+
+async def test_a_robot_the_store_refuses_fails_only_its_own_submission(
+    sqlite_url: str,
+) -> None:
+    payloads: list[dict[str, Any]] = [{"n": n} for n in range(6)]
+    payloads[3]["refuse"] = True
+    driver, outcomes = await _submit_one_by_one_while_the_first_write_is_held(
+        sqlite_url, payloads)
+    # The shared write failed; each robot was then written alone.
+    assert driver.writes == [[0], [1, 2, 3, 4, 5], [1], [2], [3], [4], [5]]
+    assert isinstance(outcomes[3], ValueError)
+    assert all(isinstance(outcomes[n], Robot) for n in (0, 1, 2, 4, 5))
+
+
 class CountingClaimedCreates(SQLiteDriver):
     """The real SQLite driver, noting which robots it created already claimed."""
 

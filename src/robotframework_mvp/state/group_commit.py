@@ -1,6 +1,6 @@
 """Group commit: writes that arrive while one is under way share the next write.
 
-Used for completions and for progress reports.
+Used for completions, progress reports and robots submitted one at a time.
 
 No timer and no background task: the first caller with nothing in flight writes its own
 item after one turn of the event loop (no added latency when idle), with those of the
@@ -16,31 +16,40 @@ from typing import Generic, TypeVar
 
 import anyio
 
-from ..models import Robot
-
 __all__ = ["GroupCommitter"]
 
 Item = TypeVar("Item")
-WriteMany = Callable[[Sequence[Item]], Awaitable[list[Robot | None]]]
+Result = TypeVar("Result")
+#: writes items in one transaction; one result per item, in order. An ``Exception`` in
+#: place of a result is raised to that item's caller alone (the others' items were written).
+WriteMany = Callable[[Sequence[Item]], Awaitable["Sequence[Result | Exception]"]]
 
 
-class _Batch(Generic[Item]):
+class _Batch(Generic[Item, Result]):
     """Items waiting for the next write, and one event for all of them."""
 
-    __slots__ = ("done", "error", "items", "robots")
+    __slots__ = ("done", "error", "items", "results")
 
     def __init__(self) -> None:
         self.items: list[Item] = []
         self.done = anyio.Event()
-        self.robots: list[Robot | None] = []
+        self.results: Sequence[Result | Exception] = ()
         self.error: BaseException | None = None
 
+    def result(self, index: int) -> Result:
+        if self.error is not None:
+            raise self.error
+        result = self.results[index]
+        if isinstance(result, Exception):
+            raise result
+        return result
 
-class GroupCommitter(Generic[Item]):
-    def __init__(self, write_many: WriteMany[Item], max_batch: int = 500) -> None:
+
+class GroupCommitter(Generic[Item, Result]):
+    def __init__(self, write_many: WriteMany[Item, Result], max_batch: int = 500) -> None:
         self.write_many = write_many
         self.max_batch = max_batch
-        self._batches: list[_Batch[Item]] = []
+        self._batches: list[_Batch[Item, Result]] = []
         self._writing = False
         self.batches = 0
         self.written = 0
@@ -50,42 +59,37 @@ class GroupCommitter(Generic[Item]):
         """Items waiting for a write in flight to return."""
         return sum(len(b.items) for b in self._batches)
 
-    async def write(self, item: Item) -> Robot | None:
-        """Write ``item`` with whatever else is waiting for the store; its robot as stored
-        (None: its lease is gone)."""
+    async def write(self, item: Item) -> Result:
+        """Write ``item`` with whatever else is waiting for the store; its result."""
         if not self._writing:
             # Nothing in flight: this caller writes. It first lets the tasks that are
             # ready now run (one turn of the loop, a few microseconds when idle), so that
             # robots finishing together share its write even when the write itself runs
             # on the loop without yielding (a SQLite write of a few robots does).
             self._writing = True
-            first = _Batch[Item]()
+            first = _Batch[Item, Result]()
             first.items.append(item)
             self._batches.append(first)
             try:
                 await anyio.lowlevel.cancel_shielded_checkpoint()
             finally:
                 await self._drain()
-            if first.error is not None:
-                raise first.error
-            return first.robots[0]
+            return first.result(0)
         # A write is in flight: whoever finishes it writes this one with the rest.
         batch = self._batches[-1] if self._batches else None
         if batch is None or len(batch.items) >= self.max_batch:
-            batch = _Batch[Item]()
+            batch = _Batch[Item, Result]()
             self._batches.append(batch)
         index = len(batch.items)
         batch.items.append(item)
         await batch.done.wait()
-        if batch.error is not None:
-            raise batch.error
-        return batch.robots[index]
+        return batch.result(index)
 
-    async def _write(self, items: list[Item]) -> list[Robot | None]:
-        robots = await self.write_many(items)
+    async def _write(self, items: list[Item]) -> Sequence[Result | Exception]:
+        results = await self.write_many(items)
         self.batches += 1
         self.written += len(items)
-        return robots
+        return results
 
     async def _drain(self) -> None:
         """Write the queued batches in order until none is left, then stop writing."""
@@ -93,7 +97,7 @@ class GroupCommitter(Generic[Item]):
             while self._batches:
                 batch = self._batches.pop(0)
                 try:
-                    batch.robots = await self._write(batch.items)
+                    batch.results = await self._write(batch.items)
                 except Exception as exc:
                     batch.error = exc
                 finally:

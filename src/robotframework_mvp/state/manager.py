@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 
 from ..cache.manager import CacheManager
+from ..errors import ServiceUnavailableError
 from ..models import Execution, ModuleRecord, Robot, RobotStatus, utcnow
 from ..performance import PerformanceTracker
 from .driver import Claim, Completion, CreatesClaimed, ProgressReport, StorageDriver
@@ -30,17 +31,41 @@ class StateManager:
         self.tracker = tracker
         self._completions = GroupCommitter(self._complete_many)
         self._progress = GroupCommitter(self._update_progress_many)
+        self._creates = GroupCommitter(self._create_many)
         self._creates_claimed = driver if isinstance(driver, CreatesClaimed) else None
 
     async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:
         """Store new robots. A lone one is cached too (its submitter is about to poll it);
         a batch is not: most of its robots change state before anyone reads them, and
         their next change puts them there."""
+        if len(robots) != 1:
+            with self.tracker.measure("state.create_robot"):
+                return await self.driver.create_robots(robots)
+        # Robots submitted one at a time (one per HTTP request) share a write with those
+        # submitted meanwhile.
         with self.tracker.measure("state.create_robot"):
-            created = await self.driver.create_robots(robots)
-        if len(created) == 1:
-            await self.cache.set_robots([created[0][0]])
-        return created
+            robot, is_new = await self._creates.write(robots[0])
+        await self.cache.set_robots([robot])
+        return [(robot, is_new)]
+
+    async def _create_many(self, robots: Sequence[Robot]
+                           ) -> list[tuple[Robot, bool] | Exception]:
+        try:
+            return list(await self.driver.create_robots(robots))
+        except ServiceUnavailableError:
+            raise  # the store, not a robot: every submitter hears it
+        except Exception:
+            if len(robots) == 1:
+                raise
+        # One robot the store refused must not fail the submissions that shared its write:
+        # each is written alone, and only the refused one's submitter gets the error.
+        out: list[tuple[Robot, bool] | Exception] = []
+        for robot in robots:
+            try:
+                out.extend(await self.driver.create_robots([robot]))
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     @property
     def can_create_and_claim(self) -> bool:
