@@ -1296,6 +1296,57 @@ async def test_a_robot_the_store_refuses_fails_only_its_own_submission(
     assert all(isinstance(outcomes[n], Robot) for n in (0, 1, 2, 4, 5))
 
 
+class HeldClaimedCreates(SQLiteDriver):
+    """The real SQLite driver: notes each write of robots created claimed; the first one
+    waits until the test lets it go."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.writes: list[list[int]] = []
+        self.release = anyio.Event()
+
+    async def create_and_claim_many(self, robots: Any, **kwargs: Any) -> Any:
+        self.writes.append([r.payload["n"] for r in robots])
+        if len(self.writes) == 1:
+            await self.release.wait()
+        return await super().create_and_claim_many(robots, **kwargs)
+
+
+async def test_robots_submitted_to_free_slots_meanwhile_are_created_claimed_in_one_write(
+    sqlite_url: str,
+) -> None:
+    driver = HeldClaimedCreates(sqlite_url)
+
+    class Store:
+        @hookimpl
+        def storage_driver(self, url: str, settings: Settings) -> SQLiteDriver:
+            return driver
+
+    robots: dict[int, Robot] = {}
+    settings = flow_settings(sqlite_url, worker={"concurrency": 20})
+    async with Orchestrator(settings, modules=[echo], plugins=[Store()]) as orch:
+
+        async def submit(n: int) -> None:
+            robots[n] = await orch.submit("echo", {"n": n}, api_key=TEST_API_KEY)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit, 0)
+            with anyio.fail_after(10):
+                while not driver.writes:
+                    await anyio.lowlevel.checkpoint()
+            for n in range(1, 10):
+                tg.start_soon(submit, n)
+            with anyio.fail_after(10):
+                while orch.state._creates_claimed.queued < 9:
+                    await anyio.lowlevel.checkpoint()
+            driver.release.set()
+        done = [await orch.wait(robots[n].id, api_key=TEST_API_KEY, timeout=10)
+                for n in range(10)]
+    assert driver.writes == [[0], list(range(1, 10))]
+    assert [(r.status, r.result, r.attempts) for r in done] == [
+        (SUCCEEDED, {"echo": {"n": n}}, 1) for n in range(10)]
+
+
 class CountingClaimedCreates(SQLiteDriver):
     """The real SQLite driver, noting which robots it created already claimed."""
 
@@ -1504,6 +1555,12 @@ async def test_requests_that_find_the_module_records_stale_share_one_reload(
     """Once a second the balancer's records of other processes' modules turn stale, and
     every request in flight asks for a reload: one read of the store serves them all."""
     async with running_orchestrator(echo, settings=test_settings(sqlite_url)) as orch:
+        # The startup health round ends with a reload of its own: let it pass first.
+        with anyio.fail_after(10):
+            while True:
+                if orch.background.iterations.get("health"):
+                    break
+                await anyio.sleep(0.01)
         reads = 0
         real = orch.state.list_modules
 
