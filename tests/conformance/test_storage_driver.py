@@ -416,6 +416,31 @@ async def test_creating_claimed_an_id_that_exists_writes_nothing(driver: Storage
     assert await driver.list_executions(robot.id) == []
 
 
+async def test_robots_created_claimed_together_are_each_claimed_or_skipped_alone(
+    driver: StorageDriver,
+) -> None:
+    """``create_and_claim_many`` (both built-in drivers have it): robots submitted one at
+    a time to a worker with free slots share one write; an id that exists is skipped."""
+    existing = make_robot()
+    await create(driver, existing)
+    robots = [make_robot(), attrs.evolve(existing, payload={"other": True}), make_robot()]
+    now = utcnow()
+    claims = await driver.create_and_claim_many(  # type: ignore[attr-defined]
+        robots, worker="w", now=now, lease_expires_at=now + LEASE)
+    assert [None if c is None else c.robot.id for c in claims] == [
+        robots[0].id, None, robots[2].id]
+    assert await stored(driver, existing.id) == existing
+    for c in (claims[0], claims[2]):
+        assert c is not None
+        assert (c.robot.status, c.robot.attempts, c.robot.lease_token) == (
+            RobotStatus.RUNNING, 1, c.execution.id)
+        assert await stored(driver, c.robot.id) == c.robot
+        assert await driver.list_executions(c.robot.id) == [c.execution]
+    assert claims[0] is not None
+    assert claims[2] is not None
+    assert claims[0].execution.id != claims[2].execution.id
+
+
 async def test_lease_tokens_are_time_ordered_uuid7_as_the_fleet_scoring_reads_them(
     driver: StorageDriver,
 ) -> None:

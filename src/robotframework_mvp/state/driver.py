@@ -115,7 +115,10 @@ class CreatesClaimed(Protocol):
     """Optional for a driver: create a robot already claimed, in one write.
 
     The orchestrator uses it when this process's worker has a free slot for a new robot
-    (no idempotency key, due now); a driver without it gets create, then claim.
+    (no idempotency key, due now); a driver without it gets create, then claim. A driver
+    may also have ``create_and_claim_many(robots, *, worker, now, lease_expires_at) ->
+    list[Claim | None]``, the same for several robots in one transaction (both built-in
+    drivers do): robots submitted one at a time meanwhile then share a write.
     """
 
     async def create_and_claim(

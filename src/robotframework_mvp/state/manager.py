@@ -8,6 +8,7 @@ so the cache never shows a transition that did not happen.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -18,6 +19,8 @@ from ..models import Execution, ModuleRecord, Robot, RobotStatus, utcnow
 from ..performance import PerformanceTracker
 from .driver import Claim, Completion, CreatesClaimed, ProgressReport, StorageDriver
 from .group_commit import GroupCommitter
+
+log = logging.getLogger(__name__)
 
 __all__ = ["StateManager"]
 
@@ -32,7 +35,8 @@ class StateManager:
         self._completions = GroupCommitter(self._complete_many)
         self._progress = GroupCommitter(self._update_progress_many)
         self._creates = GroupCommitter(self._create_many)
-        self._creates_claimed = driver if isinstance(driver, CreatesClaimed) else None
+        self._creates_claimed = GroupCommitter(self._create_and_claim_many)
+        self._claiming_driver = driver if isinstance(driver, CreatesClaimed) else None
 
     async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:
         """Store new robots. A lone one is cached too (its submitter is about to poll it);
@@ -70,7 +74,7 @@ class StateManager:
     @property
     def can_create_and_claim(self) -> bool:
         """Whether the driver can create a robot already claimed (both built-ins can)."""
-        return self._creates_claimed is not None
+        return self._claiming_driver is not None
 
     async def create_and_claim(
         self, robot: Robot, worker: str, lease_seconds: float
@@ -80,16 +84,13 @@ class StateManager:
         The write is recorded under ``state.create_robot`` and, as the execution started
         in it, under ``state.start_execution`` too. None: the id exists (see the driver).
         """
-        driver = self._creates_claimed
+        driver = self._claiming_driver
         if driver is None:
             return None
-        now = utcnow()
         started = time.perf_counter()
         started_ns = time.time_ns()
         with self.tracker.measure("state.create_robot"):
-            claim = await driver.create_and_claim(
-                robot, worker=worker, now=now,
-                lease_expires_at=now + timedelta(seconds=lease_seconds))
+            claim = await self._creates_claimed.write((robot, worker, lease_seconds))
         if claim is not None:
             self.tracker.record("state.start_execution", (time.perf_counter() - started) * 1000)
             self.tracker.record_span("state.start_execution", started_ns, time.time_ns(),
@@ -98,6 +99,39 @@ class StateManager:
                                                  "rfmvp.created_claimed": True})
             await self.cache.set_robots([claim.robot])
         return claim
+
+    async def _create_and_claim_many(
+        self, items: Sequence[tuple[Robot, str, float]]
+    ) -> list[Claim | Exception | None]:
+        """Robots created claimed that were submitted together, in one write where the
+        driver can; one the store refuses fails alone (as in ``_create_many``)."""
+        driver = self._claiming_driver
+        assert driver is not None
+        now = utcnow()
+        many = getattr(driver, "create_and_claim_many", None)
+        _, worker, lease_seconds = items[0]
+        if many is not None and len(items) > 1 \
+                and all(i[1:] == (worker, lease_seconds) for i in items):
+            try:
+                return list(await many(
+                    [robot for robot, _, _ in items], worker=worker, now=now,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds)))
+            except ServiceUnavailableError:
+                raise  # the store, not a robot: every submitter hears it
+            except Exception:
+                log.debug("a shared write of %d robots created claimed failed; writing "
+                          "each alone", len(items), exc_info=True)
+        out: list[Claim | Exception | None] = []
+        for robot, worker, lease_seconds in items:
+            try:
+                out.append(await driver.create_and_claim(
+                    robot, worker=worker, now=now,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds)))
+            except Exception as exc:
+                if len(items) == 1:
+                    raise
+                out.append(exc)
+        return out
 
     async def get_robot(self, robot_id: str, *, fresh: bool = False) -> Robot | None:
         """From the cache when it has the robot (unless ``fresh``), else from the store.

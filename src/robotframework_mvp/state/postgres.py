@@ -318,6 +318,36 @@ async def _fetchone(conn: Connection, query: str, params: dict[str, Any] | None 
     return await cur.fetchone()
 
 
+def _claimed_robot_params(robot: Robot, worker: str, now: datetime,
+                         lease_expires_at: datetime) -> dict[str, Any]:
+    if robot.idempotency_key is not None or robot.module is None:
+        raise ValueError("create_and_claim takes a new robot with a module and no "
+                         "idempotency key")
+    followups = followups_json(robot)
+    return {
+        "id": robot.id, "kind": robot.kind, "payload": Jsonb(robot.payload),
+        "owner": robot.owner, "tenant": robot.tenant, "module": robot.module,
+        "max_attempts": robot.max_attempts, "priority": robot.priority,
+        "created_at": robot.created_at, "now": now, "scheduled_at": robot.scheduled_at,
+        "lease_expires_at": lease_expires_at, "parent_id": robot.parent_id,
+        "parent_trigger": robot.parent_trigger, "schedule_id": robot.schedule_id,
+        "followups": None if followups is None else Jsonb(followups), "worker": worker,
+    }
+
+
+def _created_claim(row: DictRow | None, worker: str, now: datetime) -> Claim | None:
+    """The claim ``insert_claimed_robot`` made; None: the id existed (a retried call
+    whose first try committed), nothing was written."""
+    if row is None:
+        return None
+    claimed = robot_from_row(row)
+    assert claimed.module is not None
+    return Claim(robot=claimed, execution=Execution(
+        id=row["lease_token"], robot_id=claimed.id, module=claimed.module,
+        attempt=claimed.attempts, status=ExecutionStatus.RUNNING, worker=worker,
+        started_at=now))
+
+
 class PostgresDriver:
     """StorageDriver on PostgreSQL (psycopg 3 async pools)."""
 
@@ -675,27 +705,27 @@ class PostgresDriver:
         self, robot: Robot, *, worker: str, now: datetime, lease_expires_at: datetime
     ) -> Claim | None:
         """Create a new robot and claim it for ``worker`` in one statement (see SQLite's)."""
-        if robot.idempotency_key is not None or robot.module is None:
-            raise ValueError("create_and_claim takes a new robot with a module and no "
-                             "idempotency key")
-        followups = followups_json(robot)
-        params = {
-            "id": robot.id, "kind": robot.kind, "payload": Jsonb(robot.payload),
-            "owner": robot.owner, "tenant": robot.tenant, "module": robot.module,
-            "max_attempts": robot.max_attempts, "priority": robot.priority,
-            "created_at": robot.created_at, "now": now, "scheduled_at": robot.scheduled_at,
-            "lease_expires_at": lease_expires_at, "parent_id": robot.parent_id,
-            "parent_trigger": robot.parent_trigger, "schedule_id": robot.schedule_id,
-            "followups": None if followups is None else Jsonb(followups), "worker": worker,
-        }
+        params = _claimed_robot_params(robot, worker, now, lease_expires_at)
         row = await self._write(lambda c: _fetchone(c, _Q["insert_claimed_robot"], params))
-        if row is None:  # the id exists: a retried call whose first try committed
-            return None
-        claimed = robot_from_row(row)
-        return Claim(robot=claimed, execution=Execution(
-            id=row["lease_token"], robot_id=claimed.id, module=robot.module,
-            attempt=claimed.attempts, status=ExecutionStatus.RUNNING, worker=worker,
-            started_at=now))
+        return _created_claim(row, worker, now)
+
+    async def create_and_claim_many(
+        self, robots: Sequence[Robot], *, worker: str, now: datetime,
+        lease_expires_at: datetime,
+    ) -> list[Claim | None]:
+        """``create_and_claim`` for each robot, in one transaction and one round trip."""
+        params = [_claimed_robot_params(r, worker, now, lease_expires_at) for r in robots]
+
+        async def run(conn: Connection) -> list[DictRow | None]:
+            rows: list[DictRow | None] = []
+            async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+                await cur.executemany(_Q["insert_claimed_robot"], params, returning=True)
+                while True:
+                    rows.append(await cur.fetchone())
+                    if not cur.nextset():
+                        return rows
+
+        return [_created_claim(row, worker, now) for row in await self._write(run)]
 
     async def get_robot(self, robot_id: str) -> Robot | None:
         row = await self._read(lambda c: _fetchone(c, _Q["get_robot"], {"id": robot_id}))

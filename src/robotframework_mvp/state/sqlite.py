@@ -436,20 +436,33 @@ class SQLiteDriver:
         Only for a robot without an idempotency key. None: a robot with this id exists
         already (a retried call whose first try committed); nothing was written.
         """
-        if robot.idempotency_key is not None or robot.module is None:
+        return (await self.create_and_claim_many(
+            [robot], worker=worker, now=now, lease_expires_at=lease_expires_at))[0]
+
+    async def create_and_claim_many(
+        self, robots: Sequence[Robot], *, worker: str, now: datetime,
+        lease_expires_at: datetime,
+    ) -> list[Claim | None]:
+        """``create_and_claim`` for each robot, in one transaction."""
+        if any(r.idempotency_key is not None or r.module is None for r in robots):
             raise ValueError("create_and_claim takes a new robot with a module and no "
                              "idempotency key")
-        module, lease_ts = robot.module, lease_expires_at.timestamp()
+        lease_ts = lease_expires_at.timestamp()
 
-        def run(conn: sqlite3.Connection) -> Claim | None:
-            if conn.execute(_Q["insert_robot"], _robot_params(robot)).rowcount != 1:
-                return None
-            claim = _claim_one(conn, robot.id, module, worker, now, lease_ts)
-            if claim is None:  # pragma: no cover - the row was inserted queued just now
-                raise ServiceUnavailableError("a new robot could not be claimed; retry")
-            return claim
+        def run(conn: sqlite3.Connection) -> list[Claim | None]:
+            claims: list[Claim | None] = []
+            for robot in robots:
+                assert robot.module is not None
+                if conn.execute(_Q["insert_robot"], _robot_params(robot)).rowcount != 1:
+                    claims.append(None)
+                    continue
+                claim = _claim_one(conn, robot.id, robot.module, worker, now, lease_ts)
+                if claim is None:  # pragma: no cover - the row was inserted queued just now
+                    raise ServiceUnavailableError("a new robot could not be claimed; retry")
+                claims.append(claim)
+            return claims
 
-        return await self._write(run, rows=1)
+        return await self._write(run, rows=len(robots))
 
     async def renew_leases(
         self, leases: Sequence[tuple[str, str]], lease_expires_at: datetime
