@@ -220,6 +220,7 @@ async def bench(args: argparse.Namespace, store: bs.ScratchStore) -> dict[str, A
         "progress_reported": args.progress,
         "src_digest": bs.src_digest(),
         "wake_on_finish": args.wake_on_finish,
+        "loop": args.loop,
     }
 
 
@@ -248,6 +249,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="pyinstrument async_mode for phase (c) (wall time per await)")
     p.add_argument("--count-calls", action="store_true",
                    help="count store and cache calls per robot in each phase (adds overhead)")
+    p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                   help="event loop (default asyncio, as the anchors run; `rfmvp worker` "
+                   "takes uvloop when installed, see RFMVP_EVENT_LOOP)")
     p.add_argument("--keep", action="store_true", help="keep the postgres schema / sqlite file")
     p.add_argument("--json-only", action="store_true", help="no human-readable lines on stderr")
     return p.parse_args(argv)
@@ -258,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     with bs.scratch_store(args.storage, args.cache, keep=args.keep) as store:
-        result = anyio.run(bench, args, store)
+        result = anyio.run(bench, args, store,
+                           backend_options={"use_uvloop": args.loop == "uvloop"})
     print(json.dumps(result), flush=True)
     if not result["verified"]:
         print("NOT VERIFIED: " + "; ".join(result["problems"]), file=sys.stderr)
