@@ -250,8 +250,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--count-calls", action="store_true",
                    help="count store and cache calls per robot in each phase (adds overhead)")
     p.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
-                   help="event loop (default asyncio, as the anchors run; `rfmvp worker` "
-                   "takes uvloop when installed, see RFMVP_EVENT_LOOP)")
+                   help="event loop of the run (default asyncio, as the anchors run)")
     p.add_argument("--keep", action="store_true", help="keep the postgres schema / sqlite file")
     p.add_argument("--json-only", action="store_true", help="no human-readable lines on stderr")
     return p.parse_args(argv)

@@ -21,7 +21,7 @@ import anyio
 
 from . import __version__
 from .config import Settings, settings_reference
-from .errors import ConfigError, RobotFrameworkError
+from .errors import RobotFrameworkError
 from .models import Robot, RobotStatus, new_id
 from .orchestrator import Orchestrator
 from .schedule_commands import add_commands as add_schedule_commands
@@ -32,34 +32,11 @@ from .security.commands import run_audit, run_keys
 __all__ = ["main"]
 
 
-#: the settings ``main`` read for this command (None: read them when asked)
-_loaded: Settings | None = None
-
-
 def _settings(worker: bool = False) -> Settings:
-    settings = _loaded if _loaded is not None else Settings.from_env()
+    settings = Settings.from_env()
     # `rfmvp worker` always runs workers (RFMVP_WORKER_ENABLED=false is meant for API
     # processes); the other commands never do.
     return settings.with_changes(worker={"enabled": worker})
-
-
-def backend_options(settings: Settings) -> dict[str, bool]:
-    """anyio's options for the commands' event loop: uvloop when installed (or asked for).
-
-    uvloop runs the loop's own machinery in C: a worker on SQLite processed about a fifth
-    more robots a second on it (docs/performance.md).
-    """
-    choice = settings.worker.event_loop
-    if choice == "asyncio":
-        return {"use_uvloop": False}
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        if choice == "uvloop":
-            raise ConfigError("RFMVP_EVENT_LOOP is uvloop, but uvloop is not installed: "
-                              "pip install uvloop (or robotframework-mvp[uvloop])") from None
-        return {"use_uvloop": False}
-    return {"use_uvloop": True}
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -269,13 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "config":
             return _config(args)
-        global _loaded
-        _loaded = Settings.from_env()  # read once: its warnings are said once
-        try:
-            result: int = anyio.run(commands[args.command], args,
-                                    backend_options=backend_options(_loaded))
-        finally:
-            _loaded = None
+        result: int = anyio.run(commands[args.command], args)
         return result
     except RobotFrameworkError as exc:
         print(f"rfmvp: {exc.message}", file=sys.stderr)

@@ -343,12 +343,6 @@ class WorkerConfig:
         default=10.0, metadata=_var("RFMVP_SHUTDOWN_GRACE_SECONDS", _parse_positive_float,
                                     _POS_FLOAT, "How long running robots may finish on "
                                     "shutdown before they are handed back to the queue."))
-    event_loop: str = attrs.field(
-        default="auto", metadata=_var(
-            "RFMVP_EVENT_LOOP", _parse_choice("auto", "asyncio", "uvloop"),
-            "auto, asyncio or uvloop",
-            "Event loop of the rfmvp commands (rfmvp worker): uvloop when it is installed "
-            "(auto), or asyncio. An app served by uvicorn runs on uvicorn's loop."))
 
 
 @attrs.frozen

@@ -73,7 +73,6 @@ VALID: dict[str, tuple[str, Any]] = {
     "RFMVP_LEASE_SECONDS": ("60", 60.0),
     "RFMVP_POLL_INTERVAL": ("0.25", 0.25),
     "RFMVP_SHUTDOWN_GRACE_SECONDS": ("4", 4.0),
-    "RFMVP_EVENT_LOOP": ("asyncio", "asyncio"),
     "RFMVP_RETRY_BASE_SECONDS": ("0.5", 0.5),
     "RFMVP_RETRY_CAP_SECONDS": ("120", 120.0),
     "RFMVP_DEFAULT_MAX_ATTEMPTS": ("5", 5),
@@ -120,7 +119,6 @@ INVALID: dict[str, list[str]] = {
     "RFMVP_WORKER_ENABLED": ["2"],
     "RFMVP_SCHEDULER_ENABLED": ["sometimes"],
     "RFMVP_LEADER_BACKEND": ["zookeeper", ""],
-    "RFMVP_EVENT_LOOP": ["trio", "uvloop2", ""],
     "RFMVP_DASHBOARD_PUBLIC": ["maybe"],
 }
 _INTS = [name for name, (_, value) in VALID.items()
