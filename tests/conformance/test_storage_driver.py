@@ -262,6 +262,59 @@ async def test_a_batch_naming_one_idempotency_key_twice_stores_one_robot_for_bot
     assert await driver.get_robot(second.id) is None
 
 
+_submissions = st.lists(
+    st.tuples(st.sampled_from(["alice", "bob"]), st.sampled_from([None, "k1", "k2", "k3"])),
+    min_size=1, max_size=8)
+
+
+async def _create_twins(driver: StorageDriver, specs: list[tuple[str, str | None]],
+                        stored_first: list[tuple[str, str]]) -> None:
+    """The same submissions twice, under fresh keys: once as one batch, once one by one."""
+    run = new_id()
+
+    def build(twin: str, owner: str, key: str | None) -> Robot:
+        return make_robot(owner=owner, tenant=owner,
+                          idempotency_key=None if key is None else f"{run}{twin}{key}")
+
+    def shape(inputs: list[Robot], got: list[tuple[Robot, bool]]) -> list[Any]:
+        position = {r.id: i for i, r in enumerate(inputs)}
+        return [(position.get(r.id, f"{r.owner} stored first"), new) for r, new in got]
+
+    for twin in ("a", "b"):
+        for owner, key in stored_first:
+            await create(driver, build(twin, owner, key))
+    batch = [build("a", owner, key) for owner, key in specs]
+    one_by_one = [build("b", owner, key) for owner, key in specs]
+    got_batch = list(await driver.create_robots(batch))
+    got_single = [(await driver.create_robots([r]))[0] for r in one_by_one]
+    assert shape(batch, got_batch) == shape(one_by_one, got_single)
+
+
+def test_create_robots_in_one_batch_stores_what_one_by_one_would(
+    new_driver: Callable[[], StorageDriver],
+) -> None:
+    """Submissions made one at a time share a write (group commit), so any mix of owners
+    and idempotency keys, repeated in the batch or stored before, must come out of one
+    batch exactly as out of separate writes: the same robots new, the same ones found."""
+    with start_blocking_portal() as portal:
+        driver = new_driver()
+        portal.call(driver.open)
+        try:
+            portal.call(driver.migrate)
+
+            @settings(max_examples=25, deadline=None)
+            @given(specs=_submissions, stored_first=st.lists(
+                st.tuples(st.sampled_from(["alice", "bob"]), st.sampled_from(["k1", "k2"])),
+                max_size=2, unique=True))
+            def check(specs: list[tuple[str, str | None]],
+                      stored_first: list[tuple[str, str]]) -> None:
+                portal.call(_create_twins, driver, specs, stored_first)
+
+            check()
+        finally:
+            portal.call(driver.close)
+
+
 async def test_list_robots_filters_by_tenant_status_and_kind(driver: StorageDriver) -> None:
     a = make_robot(tenant="acme", kind="ocr")
     b = make_robot(tenant="acme", kind="mail")
