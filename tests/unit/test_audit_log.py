@@ -76,3 +76,22 @@ async def test_a_failed_write_keeps_its_records_ahead_of_newer_ones() -> None:
     await log.flush()
     assert store.batches[1] == ["robot-1", "robot-2"]
     assert (log.written, log.pending) == (2, 0)
+
+
+async def test_stopping_during_a_write_lets_the_write_finish_and_loses_no_record() -> None:
+    """The orchestrator stops (cancels the writer) while a batch is being written: the
+    write must complete, not be cut off at its COMMIT, whose outcome would be unknown
+    (the records lost, or written again by the final flush)."""
+    store = GatedStore()
+    log = AuditLog(store, flush_interval=0.001)  # type: ignore[arg-type]
+    for n in range(3):
+        record(log, n)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(log.run)
+            await store.writing.wait()
+            tg.cancel_scope.cancel()  # the stop arrives mid-write
+            store.gate.set()
+    assert store.batches == [["robot-0", "robot-1", "robot-2"]]
+    assert log.written == 3
+    assert log.pending == 0

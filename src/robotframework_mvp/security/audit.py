@@ -88,13 +88,18 @@ class AuditLog:
                 await self.on_written(written)
 
     async def run(self) -> None:
-        """Flush every ``flush_interval`` (or as soon as a batch is full) until cancelled."""
+        """Flush every ``flush_interval`` (or as soon as a batch is full) until cancelled.
+
+        Cancelled only while it waits: a write under way finishes (shielded). Cut off at
+        its COMMIT, its outcome would be unknown, and its records lost or written twice.
+        """
         try:
             while True:
                 with anyio.move_on_after(self.flush_interval):
                     await self._wake.wait()
                 self._wake = anyio.Event()
-                await self.flush()
+                with anyio.CancelScope(shield=True):
+                    await self.flush()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.flush()
