@@ -12,7 +12,7 @@ import shutil
 import socket
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -426,3 +426,48 @@ def test_any_robot_comes_back_from_every_cache_as_it_went_in_without_its_lease(
             check()
         finally:
             portal.call(backend.close)
+
+
+class GatedRedisBackend(RedisBackend):
+    """A real RedisBackend whose batch writes wait until the test opens the gate."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.writing = anyio.Event()
+        self.gate = anyio.Event()
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+        self.writing.set()
+        await self.gate.wait()
+        await super().set_many(items, ttl)
+
+
+async def test_stopping_the_writer_mid_write_still_stores_the_newest_state(
+    redis_url: str, redis_prefix: str,
+) -> None:
+    """States are written behind the request path; when the process stops during such a
+    write, the write finishes: cut off, the cache would keep the robot's older state (say
+    ``running`` for a robot that succeeded) for its TTL, for every process to read."""
+    backend = GatedRedisBackend(redis_url)
+    await backend.open()
+    try:
+        manager = CacheManager(backend, CacheConfig(key_prefix=redis_prefix))
+        robot = a_robot(status=RobotStatus.SUCCEEDED)
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(manager.run_writer)
+                await anyio.wait_all_tasks_blocked()
+                await manager.set_robot(robot)
+                await backend.writing.wait()
+                tg.cancel_scope.cancel()  # the process stops mid-write
+                backend.gate.set()
+        reader = CacheManager(RedisBackend(redis_url), CacheConfig(key_prefix=redis_prefix))
+        await reader.backend.open()
+        try:
+            cached = await reader.get_robot(robot.id)
+        finally:
+            await reader.backend.close()
+        assert cached is not None
+        assert cached.status is RobotStatus.SUCCEEDED
+    finally:
+        await backend.close()

@@ -204,7 +204,10 @@ class CacheManager:
                 # running, succeeded) coalesce into one write of the newest.
                 await anyio.sleep(_WRITE_BEHIND_SECONDS)
                 self._pending_wake = anyio.Event()
-                await self._flush_pending()
+                # A write under way finishes: cut off, the states it took would be lost
+                # and the cache would keep an older one for its TTL.
+                with anyio.CancelScope(shield=True):
+                    await self._flush_pending()
         finally:
             self._pending_wake = None
             with anyio.CancelScope(shield=True), anyio.move_on_after(2.0):

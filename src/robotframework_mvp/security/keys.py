@@ -281,7 +281,8 @@ class StoredKeyBackend:
         try:
             while True:
                 await anyio.sleep(min(self.touch_interval, _FLUSH_PERIOD))
-                await self.flush()
+                with anyio.CancelScope(shield=True):  # a write under way finishes
+                    await self.flush()
         finally:
             with anyio.CancelScope(shield=True):
                 await self.flush()
