@@ -1309,6 +1309,8 @@ class HeldClaimedCreates(SQLiteDriver):
         self.writes.append([r.payload["n"] for r in robots])
         if len(self.writes) == 1:
             await self.release.wait()
+        if any(r.payload.get("refuse") for r in robots):
+            raise ValueError("this store refuses robots that ask for it")
         return await super().create_and_claim_many(robots, **kwargs)
 
 
@@ -1345,6 +1347,47 @@ async def test_robots_submitted_to_free_slots_meanwhile_are_created_claimed_in_o
     assert driver.writes == [[0], list(range(1, 10))]
     assert [(r.status, r.result, r.attempts) for r in done] == [
         (SUCCEEDED, {"echo": {"n": n}}, 1) for n in range(10)]
+
+
+async def test_a_robot_the_store_refuses_to_create_claimed_fails_only_its_submission(
+    sqlite_url: str,
+) -> None:
+    driver = HeldClaimedCreates(sqlite_url)
+
+    class Store:
+        @hookimpl
+        def storage_driver(self, url: str, settings: Settings) -> SQLiteDriver:
+            return driver
+
+    outcomes: dict[int, Robot | Exception] = {}
+    settings = flow_settings(sqlite_url, worker={"concurrency": 20})
+    async with Orchestrator(settings, modules=[echo], plugins=[Store()]) as orch:
+
+        async def submit(n: int) -> None:
+            try:
+                outcomes[n] = await orch.submit("echo", {"n": n, "refuse": n == 2},
+                                                api_key=TEST_API_KEY)
+            except ValueError as exc:
+                outcomes[n] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submit, 0)
+            with anyio.fail_after(10):
+                while not driver.writes:
+                    await anyio.lowlevel.checkpoint()
+            for n in range(1, 5):
+                tg.start_soon(submit, n)
+            with anyio.fail_after(10):
+                while orch.state._creates_claimed.queued < 4:
+                    await anyio.lowlevel.checkpoint()
+            driver.release.set()
+        done = {n: await orch.wait(o.id, api_key=TEST_API_KEY, timeout=10)
+                for n, o in outcomes.items() if isinstance(o, Robot)}
+    # The shared write failed; each robot was then written alone.
+    assert driver.writes == [[0], [1, 2, 3, 4], [1], [2], [3], [4]]
+    assert isinstance(outcomes[2], ValueError)
+    assert sorted(done) == [0, 1, 3, 4]
+    assert all(r.status is SUCCEEDED and r.attempts == 1 for r in done.values())
 
 
 class CountingClaimedCreates(SQLiteDriver):

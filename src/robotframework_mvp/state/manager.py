@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from ..cache.manager import CacheManager
 from ..errors import ServiceUnavailableError
@@ -21,6 +22,9 @@ from .driver import Claim, Completion, CreatesClaimed, ProgressReport, StorageDr
 from .group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 __all__ = ["StateManager"]
 
@@ -61,15 +65,13 @@ class StateManager:
         except Exception:
             if len(robots) == 1:
                 raise
-        # One robot the store refused must not fail the submissions that shared its write:
-        # each is written alone, and only the refused one's submitter gets the error.
-        out: list[tuple[Robot, bool] | Exception] = []
-        for robot in robots:
-            try:
-                out.extend(await self.driver.create_robots([robot]))
-            except Exception as exc:
-                out.append(exc)
-        return out
+            log.debug("a shared write of %d new robots failed; writing each alone",
+                      len(robots), exc_info=True)
+
+        async def create(robot: Robot) -> tuple[Robot, bool]:
+            return (await self.driver.create_robots([robot]))[0]
+
+        return await _each_alone(robots, create)
 
     @property
     def can_create_and_claim(self) -> bool:
@@ -121,17 +123,16 @@ class StateManager:
             except Exception:
                 log.debug("a shared write of %d robots created claimed failed; writing "
                           "each alone", len(items), exc_info=True)
-        out: list[Claim | Exception | None] = []
-        for robot, worker, lease_seconds in items:
-            try:
-                out.append(await driver.create_and_claim(
-                    robot, worker=worker, now=now,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds)))
-            except Exception as exc:
-                if len(items) == 1:
-                    raise
-                out.append(exc)
-        return out
+
+        async def create_and_claim(item: tuple[Robot, str, float]) -> Claim | None:
+            robot, worker, lease_seconds = item
+            return await driver.create_and_claim(
+                robot, worker=worker, now=now,
+                lease_expires_at=now + timedelta(seconds=lease_seconds))
+
+        if len(items) == 1:
+            return [await create_and_claim(items[0])]
+        return await _each_alone(items, create_and_claim)
 
     async def get_robot(self, robot_id: str, *, fresh: bool = False) -> Robot | None:
         """From the cache when it has the robot (unless ``fresh``), else from the store.
@@ -274,3 +275,16 @@ class StateManager:
 
     async def list_modules(self) -> list[ModuleRecord]:
         return await self.driver.list_modules()
+
+
+async def _each_alone(items: Sequence[Item], write: Callable[[Item], Awaitable[Result]]
+                      ) -> list[Result | Exception]:
+    """Write each item on its own: one the store refuses gets its error, and must not fail
+    the submissions that had shared its write; the others get their results."""
+    out: list[Result | Exception] = []
+    for item in items:
+        try:
+            out.append(await write(item))
+        except Exception as exc:
+            out.append(exc)
+    return out
