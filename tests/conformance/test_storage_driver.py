@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -198,6 +198,24 @@ async def test_a_created_robot_reads_back_with_every_field(driver: StorageDriver
     assert new
     assert created == robot
     assert await driver.get_robot(robot.id) == robot
+
+
+async def test_a_batch_stores_every_field_even_numbers_beyond_64_bits(
+    driver: StorageDriver,
+) -> None:
+    """PostgreSQL sends a batch as one JSON document (orjson, which refuses integers
+    beyond 64 bits: then the standard library's encoder); every field must come back."""
+    at = datetime(2026, 11, 26, 10, 0, 0, 123456, tzinfo=UTC)
+    robots = [
+        make_robot(payload={"big": 2**70, "neg": -(2**65), "f": 0.1}, created_at=at,
+                   updated_at=at, scheduled_at=at + timedelta(microseconds=1),
+                   on_success=FollowUp("notify", {"r": "$parent.result"}),
+                   parent_id=new_id(), parent_trigger="on_success"),
+        make_robot(payload={"plain": "ascii"}, idempotency_key="k-" + new_id()),
+    ]
+    created = await driver.create_robots(robots)
+    assert [(r, new) for r, new in created] == [(r, True) for r in robots]
+    assert [await driver.get_robot(r.id) for r in robots] == robots
 
 
 async def test_an_unknown_robot_reads_as_none(driver: StorageDriver) -> None:

@@ -7,17 +7,19 @@
 -- name: insert_robots
 -- Insert a batch; rows whose id or (owner, idempotency_key) exist already are skipped.
 -- Only the ids come back: an inserted row is exactly the robot the caller passed.
+-- The batch is one JSON array of rows, each [id, kind, payload, owner, tenant, status,
+-- module, max_attempts, priority, idempotency_key, created_at, updated_at, scheduled_at,
+-- parent_id, parent_trigger, schedule_id, followups]: one parameter, encoded at once,
+-- instead of seventeen arrays whose every element is adapted on its own.
 WITH input AS (
-    SELECT * FROM unnest(
-        %(ids)b::text[], %(kinds)b::text[], %(payloads)b::jsonb[], %(owners)b::text[],
-        %(tenants)b::text[], %(statuses)b::text[], %(modules)b::text[],
-        %(max_attempts)b::integer[], %(priorities)b::integer[], %(idempotency_keys)b::text[],
-        %(created_at)b::timestamptz[], %(updated_at)b::timestamptz[],
-        %(scheduled_at)b::timestamptz[], %(parent_ids)b::text[], %(parent_triggers)b::text[],
-        %(schedule_ids)b::text[], %(followups)b::jsonb[]
-    ) WITH ORDINALITY AS t(id, kind, payload, owner, tenant, status, module, max_attempts,
-                           priority, idempotency_key, created_at, updated_at, scheduled_at,
-                           parent_id, parent_trigger, schedule_id, followups, n)
+    SELECT r ->> 0 AS id, r ->> 1 AS kind, r -> 2 AS payload, r ->> 3 AS owner,
+           r ->> 4 AS tenant, r ->> 5 AS status, r ->> 6 AS module,
+           (r ->> 7)::integer AS max_attempts, (r ->> 8)::integer AS priority,
+           r ->> 9 AS idempotency_key, (r ->> 10)::timestamptz AS created_at,
+           (r ->> 11)::timestamptz AS updated_at, (r ->> 12)::timestamptz AS scheduled_at,
+           r ->> 13 AS parent_id, r ->> 14 AS parent_trigger, r ->> 15 AS schedule_id,
+           NULLIF(r -> 16, 'null'::jsonb) AS followups, n
+    FROM jsonb_array_elements(%(robots)s::jsonb) WITH ORDINALITY AS t(r, n)
 ), ins AS (
     INSERT INTO robots (id, kind, payload, owner, tenant, status, module, max_attempts,
                         priority, idempotency_key, created_at, updated_at, scheduled_at,
