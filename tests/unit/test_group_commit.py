@@ -105,3 +105,30 @@ async def test_a_failed_write_fails_every_completion_of_its_batch_and_no_other()
     robot = await committer.write(_completion(2))
     assert robot is not None
     assert robot.id == "r2"
+
+
+async def test_a_writer_cancelled_mid_write_still_writes_for_those_who_joined_it() -> None:
+    """The first caller writes for everyone who joined it (a submission whose HTTP
+    request goes away, say). Its cancellation must not fail their writes."""
+    store = SlowStore()
+    committer = GroupCommitter(store.write_many)
+    results: dict[int, str | None] = {}
+
+    async def complete(i: int) -> None:
+        robot = await committer.write(_completion(i))
+        results[i] = None if robot is None else robot.id
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg, anyio.create_task_group() as leader:
+            leader.start_soon(complete, 0)
+            while not store.batches:  # r0's write is under way
+                await anyio.lowlevel.checkpoint()
+            for i in (1, 2):
+                tg.start_soon(complete, i)
+            while committer.queued < 2:
+                await anyio.lowlevel.checkpoint()
+            leader.cancel_scope.cancel()  # the first caller goes away mid-write
+            store.release.set()
+    assert store.batches == [["r0"], ["r1", "r2"]]
+    # r0 was written too, so its caller may as well hear so; the point is r1 and r2
+    assert results == {0: "r0", 1: "r1", 2: "r2"}

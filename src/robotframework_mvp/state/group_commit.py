@@ -73,7 +73,10 @@ class GroupCommitter(Generic[Item, Result]):
             try:
                 await anyio.lowlevel.cancel_shielded_checkpoint()
             finally:
-                await self._drain()
+                # It writes for everyone who joined it: its own cancellation (a request
+                # that went away) waits until their writes are done.
+                with anyio.CancelScope(shield=True):
+                    await self._drain()
             return first.result(0)
         # A write is in flight: whoever finishes it writes this one with the rest.
         batch = self._batches[-1] if self._batches else None
@@ -104,7 +107,7 @@ class GroupCommitter(Generic[Item, Result]):
                     batch.done.set()
         finally:
             self._writing = False
-            # Cancelled mid-write (shutdown): release everyone still waiting.
+            # A write that raised what is not an Exception: release everyone waiting.
             for batch in self._batches:
                 batch.error = anyio.get_cancelled_exc_class()()
                 batch.done.set()
