@@ -58,20 +58,10 @@ class StateManager:
 
     async def _create_many(self, robots: Sequence[Robot]
                            ) -> list[tuple[Robot, bool] | Exception]:
-        try:
-            return list(await self.driver.create_robots(robots))
-        except ServiceUnavailableError:
-            raise  # the store, not a robot: every submitter hears it
-        except Exception:
-            if len(robots) == 1:
-                raise
-            log.debug("a shared write of %d new robots failed; writing each alone",
-                      len(robots), exc_info=True)
-
         async def create(robot: Robot) -> tuple[Robot, bool]:
             return (await self.driver.create_robots([robot]))[0]
 
-        return await _each_alone(robots, create)
+        return await _shared_write(robots, self.driver.create_robots, create)
 
     @property
     def can_create_and_claim(self) -> bool:
@@ -112,17 +102,6 @@ class StateManager:
         now = utcnow()
         many = getattr(driver, "create_and_claim_many", None)
         _, worker, lease_seconds = items[0]
-        if many is not None and len(items) > 1 \
-                and all(i[1:] == (worker, lease_seconds) for i in items):
-            try:
-                return list(await many(
-                    [robot for robot, _, _ in items], worker=worker, now=now,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds)))
-            except ServiceUnavailableError:
-                raise  # the store, not a robot: every submitter hears it
-            except Exception:
-                log.debug("a shared write of %d robots created claimed failed; writing "
-                          "each alone", len(items), exc_info=True)
 
         async def create_and_claim(item: tuple[Robot, str, float]) -> Claim | None:
             robot, worker, lease_seconds = item
@@ -130,9 +109,16 @@ class StateManager:
                 robot, worker=worker, now=now,
                 lease_expires_at=now + timedelta(seconds=lease_seconds))
 
-        if len(items) == 1:
-            return [await create_and_claim(items[0])]
-        return await _each_alone(items, create_and_claim)
+        async def create_and_claim_all(all_items: Sequence[tuple[Robot, str, float]]
+                                       ) -> list[Claim | None]:
+            assert many is not None
+            return list(await many(
+                [robot for robot, _, _ in all_items], worker=worker, now=now,
+                lease_expires_at=now + timedelta(seconds=lease_seconds)))
+
+        one_write = many is not None and all(i[1:] == (worker, lease_seconds) for i in items)
+        return await _shared_write(items, create_and_claim_all if one_write else None,
+                                   create_and_claim)
 
     async def get_robot(self, robot_id: str, *, fresh: bool = False) -> Robot | None:
         """From the cache when it has the robot (unless ``fresh``), else from the store.
@@ -277,14 +263,29 @@ class StateManager:
         return await self.driver.list_modules()
 
 
-async def _each_alone(items: Sequence[Item], write: Callable[[Item], Awaitable[Result]]
-                      ) -> list[Result | Exception]:
-    """Write each item on its own: one the store refuses gets its error, and must not fail
-    the submissions that had shared its write; the others get their results."""
+async def _shared_write(
+    items: Sequence[Item],
+    write_all: Callable[[Sequence[Item]], Awaitable[Sequence[Result]]] | None,
+    write_one: Callable[[Item], Awaitable[Result]],
+) -> list[Result | Exception]:
+    """Items submitted together, in one write (``write_all``) when there is more than one
+    and a way to write them together. If the store refuses that write for any reason but
+    being unavailable, each is written again alone: one the store refuses gets its error,
+    and must not fail the submissions that had shared its write."""
+    if len(items) == 1:
+        return [await write_one(items[0])]
+    if write_all is not None:
+        try:
+            return list(await write_all(items))
+        except ServiceUnavailableError:
+            raise  # the store, not an item: every submitter hears it
+        except Exception:
+            log.debug("a shared write of %d items failed; writing each alone", len(items),
+                      exc_info=True)
     out: list[Result | Exception] = []
     for item in items:
         try:
-            out.append(await write(item))
+            out.append(await write_one(item))
         except Exception as exc:
             out.append(exc)
     return out
