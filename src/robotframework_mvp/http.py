@@ -8,16 +8,14 @@ status and headers the error calls for; nothing else (no stack trace, no key) le
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
-import orjson
 
 from .errors import PayloadTooLargeError, RobotFrameworkError, ValidationError
-from .models import Robot, new_id
+from .models import Robot, json_bytes, new_id
 from .security.auth import request_credential
 from .security.ratelimit import RATE_DECISION
 from .security.sanitize import parse_json_body, validate_delay, validate_wait
@@ -48,10 +46,7 @@ class HttpResponse:
 
     def body_bytes(self) -> bytes:
         if self.media_type == "application/json":
-            try:  # a tenth of json.dumps' time (5 us a robot), for the same document
-                return orjson.dumps(self.body, option=orjson.OPT_NON_STR_KEYS)
-            except TypeError:  # what orjson refuses (a lone surrogate echoed in an error)
-                return json.dumps(self.body, separators=(",", ":")).encode()
+            return json_bytes(self.body)
         return str(self.body).encode()
 
 

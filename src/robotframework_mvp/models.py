@@ -16,6 +16,7 @@ from typing import Any
 
 import attrs
 import cattrs
+import orjson
 import uuid_utils
 
 from .config import RateLimit
@@ -37,6 +38,7 @@ __all__ = [
     "audit_hash",
     "chain_audit",
     "converter",
+    "json_bytes",
     "new_id",
     "utcnow",
 ]
@@ -285,6 +287,22 @@ class ApiKey:
         if self.expires_at is not None and self.expires_at <= now:
             return "expired"
         return "active"
+
+
+def json_bytes(value: Any) -> bytes:
+    """``value`` as compact JSON, datetimes in ISO 8601 and keys as strings: by orjson (a
+    fifth to a tenth of ``json.dumps``' time), or by ``json`` for what orjson refuses (an
+    integer beyond 64 bits, a lone surrogate)."""
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), default=_isoformat).encode()
+
+
+def _isoformat(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def audit_hash(prev_hash: str | None, event: AuditEvent) -> str:

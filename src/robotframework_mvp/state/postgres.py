@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,7 +29,6 @@ from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.abc
-import orjson
 import psycopg
 import psycopg.errors
 from psycopg import sql
@@ -53,6 +51,7 @@ from ..models import (
     RobotStatus,
     Schedule,
     chain_audit,
+    json_bytes,
 )
 from ..resilience import (
     BreakerPolicy,
@@ -241,20 +240,13 @@ def _robot_columns(robots: Sequence[Robot]) -> dict[str, Any]:
 
 def _robot_rows(robots: Sequence[Robot]) -> Jsonb:
     """``insert_robots``' one parameter: the robots as a JSON array of rows, by orjson
-    (1.2 us a robot, against 4.5 us for psycopg to adapt one array per column). orjson
-    writes aware datetimes in ISO 8601 with their offset, to the microsecond."""
+    (``json_bytes``: 1.2 us a robot, against 4.5 us for psycopg to adapt one array per
+    column), aware datetimes in ISO 8601 with their offset, to the microsecond."""
     return Jsonb([
         [r.id, r.kind, r.payload, r.owner, r.tenant, str(r.status), r.module,
          r.max_attempts, r.priority, r.idempotency_key, r.created_at, r.updated_at,
          r.scheduled_at, r.parent_id, r.parent_trigger, r.schedule_id, followups_json(r)]
-        for r in robots], dumps=_dumps_rows)
-
-
-def _dumps_rows(rows: Any) -> bytes:
-    try:
-        return orjson.dumps(rows)
-    except TypeError:  # what orjson refuses (an integer beyond 64 bits in a payload)
-        return json.dumps(rows, default=lambda d: d.isoformat()).encode()
+        for r in robots], dumps=json_bytes)
 
 
 class _Executor(Protocol):
