@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,7 +17,7 @@ import anyio.to_thread
 import attrs
 import psycopg
 import pytest
-from anyio.from_thread import start_blocking_portal
+from anyio.from_thread import BlockingPortal, start_blocking_portal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -280,6 +280,22 @@ async def test_a_batch_naming_one_idempotency_key_twice_stores_one_robot_for_bot
     assert await driver.get_robot(second.id) is None
 
 
+@contextlib.contextmanager
+def _driver_in_portal(
+    new_driver: Callable[[], StorageDriver],
+) -> Iterator[tuple[BlockingPortal, StorageDriver]]:
+    """An open, migrated driver on an event loop of its own, for a Hypothesis property:
+    ``@given`` runs its examples synchronously, each through ``portal.call``."""
+    with start_blocking_portal() as portal:
+        driver = new_driver()
+        portal.call(driver.open)
+        try:
+            portal.call(driver.migrate)
+            yield portal, driver
+        finally:
+            portal.call(driver.close)
+
+
 _submissions = st.lists(
     st.tuples(st.sampled_from(["alice", "bob"]), st.sampled_from([None, "k1", "k2", "k3"])),
     min_size=1, max_size=8)
@@ -314,23 +330,17 @@ def test_create_robots_in_one_batch_stores_what_one_by_one_would(
     """Submissions made one at a time share a write (group commit), so any mix of owners
     and idempotency keys, repeated in the batch or stored before, must come out of one
     batch exactly as out of separate writes: the same robots new, the same ones found."""
-    with start_blocking_portal() as portal:
-        driver = new_driver()
-        portal.call(driver.open)
-        try:
-            portal.call(driver.migrate)
+    with _driver_in_portal(new_driver) as (portal, driver):
 
-            @settings(max_examples=25, deadline=None)
-            @given(specs=_submissions, stored_first=st.lists(
-                st.tuples(st.sampled_from(["alice", "bob"]), st.sampled_from(["k1", "k2"])),
-                max_size=2, unique=True))
-            def check(specs: list[tuple[str, str | None]],
-                      stored_first: list[tuple[str, str]]) -> None:
-                portal.call(_create_twins, driver, specs, stored_first)
+        @settings(max_examples=25, deadline=None)
+        @given(specs=_submissions, stored_first=st.lists(
+            st.tuples(st.sampled_from(["alice", "bob"]), st.sampled_from(["k1", "k2"])),
+            max_size=2, unique=True))
+        def check(specs: list[tuple[str, str | None]],
+                  stored_first: list[tuple[str, str]]) -> None:
+            portal.call(_create_twins, driver, specs, stored_first)
 
-            check()
-        finally:
-            portal.call(driver.close)
+        check()
 
 
 async def test_list_robots_filters_by_tenant_status_and_kind(driver: StorageDriver) -> None:
@@ -1047,22 +1057,15 @@ def test_complete_many_ends_robots_as_completing_them_one_by_one(
     """A batch goes through set-based SQL; it must end each robot as ``complete`` does:
     any mix of outcomes, results, retries moved to another module, follow-ups, lost
     leases, and the same robot twice in a batch."""
-    with start_blocking_portal() as portal:
-        driver = new_driver()
-        portal.call(driver.open)
-        try:
-            portal.call(driver.migrate)
+    with _driver_in_portal(new_driver) as (portal, driver):
 
-            @settings(max_examples=25, deadline=None)
-            @given(outcomes=st.lists(_outcomes, min_size=1, max_size=6), data=st.data())
-            def check(outcomes: list[dict[str, Any]], data: st.DataObject) -> None:
-                repeat = data.draw(st.one_of(st.none(),
-                                             st.integers(0, len(outcomes) - 1)))
-                portal.call(_complete_twins, driver, outcomes, repeat)
+        @settings(max_examples=25, deadline=None)
+        @given(outcomes=st.lists(_outcomes, min_size=1, max_size=6), data=st.data())
+        def check(outcomes: list[dict[str, Any]], data: st.DataObject) -> None:
+            repeat = data.draw(st.one_of(st.none(), st.integers(0, len(outcomes) - 1)))
+            portal.call(_complete_twins, driver, outcomes, repeat)
 
-            check()
-        finally:
-            portal.call(driver.close)
+        check()
 
 
 # --- progress reports in a batch ------------------------------------------------------------

@@ -16,7 +16,7 @@ import sys
 import textwrap
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1216,26 +1216,37 @@ async def test_a_slot_frees_when_its_module_returns_while_the_completion_is_writ
 
 
 class HeldCreates(SQLiteDriver):
-    """The real SQLite driver: notes each create write's robots; the first write waits
-    until the test lets it go, and a robot whose payload says ``refuse`` fails its write."""
+    """The real SQLite driver: notes the robots of each write that creates them (queued,
+    or already claimed); the first such write waits until the test lets it go, and a
+    write with a robot whose payload says ``refuse`` fails."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self.writes: list[list[str]] = []
+        self.writes: list[list[int]] = []
         self.release = anyio.Event()
 
-    async def create_robots(self, robots: Any) -> list[tuple[Robot, bool]]:
+    async def _hold(self, robots: Sequence[Robot]) -> None:
         self.writes.append([r.payload["n"] for r in robots])
         if len(self.writes) == 1:
             await self.release.wait()
         if any(r.payload.get("refuse") for r in robots):
             raise ValueError("this store refuses robots that ask for it")
+
+    async def create_robots(self, robots: Any) -> list[tuple[Robot, bool]]:
+        await self._hold(robots)
         return await super().create_robots(robots)
+
+    async def create_and_claim_many(self, robots: Any, **kwargs: Any) -> Any:
+        await self._hold(robots)
+        return await super().create_and_claim_many(robots, **kwargs)
 
 
 async def _submit_one_by_one_while_the_first_write_is_held(
-    sqlite_url: str, payloads: list[dict[str, Any]],
-) -> tuple[HeldCreates, dict[int, Robot | Exception]]:
+    sqlite_url: str, payloads: list[dict[str, Any]], worker: dict[str, Any],
+) -> tuple[HeldCreates, dict[int, Robot | Exception], dict[int, Robot]]:
+    """Submit the first payload; once its write is under way, the others, each on its
+    own; let the write go once they all wait for the next. Returns the driver, what each
+    submission returned (or raised), and (worker on) each created robot once it ended."""
     driver = HeldCreates(sqlite_url)
 
     class Store:
@@ -1244,7 +1255,8 @@ async def _submit_one_by_one_while_the_first_write_is_held(
             return driver
 
     outcomes: dict[int, Robot | Exception] = {}
-    settings = flow_settings(sqlite_url, worker={"enabled": False})
+    ended: dict[int, Robot] = {}
+    settings = flow_settings(sqlite_url, worker=worker)
     async with Orchestrator(settings, modules=[echo], plugins=[Store()]) as orch:
 
         async def submit(payload: dict[str, Any]) -> None:
@@ -1254,6 +1266,9 @@ async def _submit_one_by_one_while_the_first_write_is_held(
             except ValueError as exc:
                 outcomes[payload["n"]] = exc
 
+        def queued() -> int:
+            return orch.state._creates.queued + orch.state._creates_claimed.queued
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(submit, payloads[0])
             with anyio.fail_after(10):
@@ -1262,7 +1277,7 @@ async def _submit_one_by_one_while_the_first_write_is_held(
             for payload in payloads[1:]:
                 tg.start_soon(submit, payload)
             with anyio.fail_after(10):
-                while orch.state._creates.queued < len(payloads) - 1:
+                while queued() < len(payloads) - 1:
                     await anyio.lowlevel.checkpoint()
             driver.release.set()
         for n, outcome in outcomes.items():
@@ -1270,14 +1285,16 @@ async def _submit_one_by_one_while_the_first_write_is_held(
                 stored = await orch.driver.get_robot(outcome.id)
                 assert stored is not None
                 assert stored.payload["n"] == n
-    return driver, outcomes
+                if worker.get("enabled", True):
+                    ended[n] = await orch.wait(outcome.id, api_key=TEST_API_KEY, timeout=10)
+    return driver, outcomes, ended
 
 
 async def test_robots_submitted_one_at_a_time_meanwhile_share_one_write(
     sqlite_url: str,
 ) -> None:
-    driver, outcomes = await _submit_one_by_one_while_the_first_write_is_held(
-        sqlite_url, [{"n": n} for n in range(20)])
+    driver, outcomes, _ = await _submit_one_by_one_while_the_first_write_is_held(
+        sqlite_url, [{"n": n} for n in range(20)], worker={"enabled": False})
     assert driver.writes == [[0], list(range(1, 20))]
     assert all(isinstance(o, Robot) and o.status is QUEUED for o in outcomes.values())
     assert len({o.id for o in outcomes.values() if isinstance(o, Robot)}) == 20
@@ -1288,106 +1305,35 @@ async def test_a_robot_the_store_refuses_fails_only_its_own_submission(
 ) -> None:
     payloads: list[dict[str, Any]] = [{"n": n} for n in range(6)]
     payloads[3]["refuse"] = True
-    driver, outcomes = await _submit_one_by_one_while_the_first_write_is_held(
-        sqlite_url, payloads)
+    driver, outcomes, _ = await _submit_one_by_one_while_the_first_write_is_held(
+        sqlite_url, payloads, worker={"enabled": False})
     # The shared write failed; each robot was then written alone.
     assert driver.writes == [[0], [1, 2, 3, 4, 5], [1], [2], [3], [4], [5]]
     assert isinstance(outcomes[3], ValueError)
     assert all(isinstance(outcomes[n], Robot) for n in (0, 1, 2, 4, 5))
 
 
-class HeldClaimedCreates(SQLiteDriver):
-    """The real SQLite driver: notes each write of robots created claimed; the first one
-    waits until the test lets it go."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(url)
-        self.writes: list[list[int]] = []
-        self.release = anyio.Event()
-
-    async def create_and_claim_many(self, robots: Any, **kwargs: Any) -> Any:
-        self.writes.append([r.payload["n"] for r in robots])
-        if len(self.writes) == 1:
-            await self.release.wait()
-        if any(r.payload.get("refuse") for r in robots):
-            raise ValueError("this store refuses robots that ask for it")
-        return await super().create_and_claim_many(robots, **kwargs)
-
-
 async def test_robots_submitted_to_free_slots_meanwhile_are_created_claimed_in_one_write(
     sqlite_url: str,
 ) -> None:
-    driver = HeldClaimedCreates(sqlite_url)
-
-    class Store:
-        @hookimpl
-        def storage_driver(self, url: str, settings: Settings) -> SQLiteDriver:
-            return driver
-
-    robots: dict[int, Robot] = {}
-    settings = flow_settings(sqlite_url, worker={"concurrency": 20})
-    async with Orchestrator(settings, modules=[echo], plugins=[Store()]) as orch:
-
-        async def submit(n: int) -> None:
-            robots[n] = await orch.submit("echo", {"n": n}, api_key=TEST_API_KEY)
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(submit, 0)
-            with anyio.fail_after(10):
-                while not driver.writes:
-                    await anyio.lowlevel.checkpoint()
-            for n in range(1, 10):
-                tg.start_soon(submit, n)
-            with anyio.fail_after(10):
-                while orch.state._creates_claimed.queued < 9:
-                    await anyio.lowlevel.checkpoint()
-            driver.release.set()
-        done = [await orch.wait(robots[n].id, api_key=TEST_API_KEY, timeout=10)
-                for n in range(10)]
+    driver, _, ended = await _submit_one_by_one_while_the_first_write_is_held(
+        sqlite_url, [{"n": n} for n in range(10)], worker={"concurrency": 20})
     assert driver.writes == [[0], list(range(1, 10))]
-    assert [(r.status, r.result, r.attempts) for r in done] == [
+    assert [(ended[n].status, ended[n].result, ended[n].attempts) for n in range(10)] == [
         (SUCCEEDED, {"echo": {"n": n}}, 1) for n in range(10)]
 
 
 async def test_a_robot_the_store_refuses_to_create_claimed_fails_only_its_submission(
     sqlite_url: str,
 ) -> None:
-    driver = HeldClaimedCreates(sqlite_url)
-
-    class Store:
-        @hookimpl
-        def storage_driver(self, url: str, settings: Settings) -> SQLiteDriver:
-            return driver
-
-    outcomes: dict[int, Robot | Exception] = {}
-    settings = flow_settings(sqlite_url, worker={"concurrency": 20})
-    async with Orchestrator(settings, modules=[echo], plugins=[Store()]) as orch:
-
-        async def submit(n: int) -> None:
-            try:
-                outcomes[n] = await orch.submit("echo", {"n": n, "refuse": n == 2},
-                                                api_key=TEST_API_KEY)
-            except ValueError as exc:
-                outcomes[n] = exc
-
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(submit, 0)
-            with anyio.fail_after(10):
-                while not driver.writes:
-                    await anyio.lowlevel.checkpoint()
-            for n in range(1, 5):
-                tg.start_soon(submit, n)
-            with anyio.fail_after(10):
-                while orch.state._creates_claimed.queued < 4:
-                    await anyio.lowlevel.checkpoint()
-            driver.release.set()
-        done = {n: await orch.wait(o.id, api_key=TEST_API_KEY, timeout=10)
-                for n, o in outcomes.items() if isinstance(o, Robot)}
+    payloads: list[dict[str, Any]] = [{"n": n, "refuse": n == 2} for n in range(5)]
+    driver, outcomes, ended = await _submit_one_by_one_while_the_first_write_is_held(
+        sqlite_url, payloads, worker={"concurrency": 20})
     # The shared write failed; each robot was then written alone.
     assert driver.writes == [[0], [1, 2, 3, 4], [1], [2], [3], [4]]
     assert isinstance(outcomes[2], ValueError)
-    assert sorted(done) == [0, 1, 3, 4]
-    assert all(r.status is SUCCEEDED and r.attempts == 1 for r in done.values())
+    assert sorted(ended) == [0, 1, 3, 4]
+    assert all(r.status is SUCCEEDED and r.attempts == 1 for r in ended.values())
 
 
 class CountingClaimedCreates(SQLiteDriver):
