@@ -162,14 +162,14 @@ class BackgroundLoops:
             ))
         if records:
             await self.orch.state.upsert_modules(records)
-        await self.orch.refresh_modules()
+        await self.orch.refresh_modules(fresh=True)
 
     async def score_once(self) -> None:
         """Every process stores its own modules; the leader then scores every stored one."""
         await self.publish_once()
         if await self._leads("scores"):
             await self.score_fleet_once()
-            await self.orch.refresh_modules()
+            await self.orch.refresh_modules(fresh=True)
 
     async def score_fleet_once(self) -> None:
         """Score each stored module from every process's attempts of the last interval.

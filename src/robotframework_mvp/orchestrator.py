@@ -249,18 +249,27 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
         ]
         if records:
             await self.state.upsert_modules(records)
-        await self.refresh_modules()
+        await self.refresh_modules(fresh=True)
 
-    async def refresh_modules(self) -> None:
+    async def refresh_modules(self, *, fresh: bool = False) -> None:
         """Reload other processes' module records into the LoadBalancer.
 
         One reload at a time: callers that come while one is under way wait for it. When
         the records turn stale every request in flight asks for a reload, and each one
         going to the store queued dozens of reads and stalled them all.
+
+        ``fresh``: the caller needs a read that begins after its call (it just wrote
+        module records, or looks for a kind not known yet); the reload under way may have
+        read before that. It waits for that one, then shares the next with everyone else
+        who came meanwhile: still one read at a time.
         """
         if (under_way := self._modules_reload) is not None:
             await under_way.wait()
-            return
+            if not fresh:
+                return
+            if (next_one := self._modules_reload) is not None:  # began after this call
+                await next_one.wait()
+                return
         self._modules_reload = reload = anyio.Event()
         try:
             self.balancer.set_remote_records(await self.state.list_modules())

@@ -256,7 +256,7 @@ class Scheduler:
         if plan is None:
             return False
         if plan.fires and schedule.kind not in orch.balancer.known_kinds():
-            await orch.refresh_modules()
+            await orch.refresh_modules(fresh=True)
         fires = []
         for due_at, late, covers in plan.fires:
             robot = orch.build_robot(
@@ -316,7 +316,7 @@ class ScheduleApi:
         balancer: LoadBalancer
         scheduler: Scheduler
 
-        async def refresh_modules(self) -> None: ...
+        async def refresh_modules(self, *, fresh: bool = False) -> None: ...
 
     async def add_schedule(
         self,
@@ -360,7 +360,7 @@ class ScheduleApi:
         """A validated schedule owned by ``principal``, not stored yet (``rfmvp`` uses it)."""
         known = self.balancer.known_kinds()
         if isinstance(kind, str) and kind not in known:  # any other kind: 422 below
-            await self.refresh_modules()
+            await self.refresh_modules(fresh=True)
             known = self.balancer.known_kinds()
         expression = parse_cron(cron)
         tz = parse_timezone(timezone)

@@ -44,6 +44,7 @@ from robotframework_mvp import (
     hookimpl,
     module,
 )
+from robotframework_mvp.models import ModuleRecord
 from robotframework_mvp.security.audit import verify_chain
 from robotframework_mvp.security.auth import hash_key
 from robotframework_mvp.state.sqlite import SQLiteDriver, sqlite_path
@@ -1565,6 +1566,49 @@ async def test_requests_that_find_the_module_records_stale_share_one_reload(
         assert reads == 1
         await orch.refresh_modules()  # and the next one, after it, reads again
         assert reads == 2
+
+
+async def test_a_kind_registered_while_a_reload_is_under_way_is_found_by_the_next_submit(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A submission of a kind it does not know reloads the module records. If a reload
+    is already under way, it may have read before another process registered the kind:
+    sharing it would refuse the robot, so the submission waits for it and reads again."""
+    settings = test_settings(sqlite_url, worker={"enabled": False})
+    async with running_orchestrator(settings=settings) as api:
+        with anyio.fail_after(10):  # the startup health round's own reload first
+            while True:
+                if api.background.iterations.get("health"):
+                    break
+                await anyio.sleep(0.01)
+        read_done, gate = anyio.Event(), anyio.Event()
+        reads = 0
+        real = api.state.list_modules
+
+        async def held_after_reading() -> Any:
+            nonlocal reads
+            reads += 1
+            records = await real()
+            read_done.set()
+            await gate.wait()
+            return records
+
+        monkeypatch.setattr(api.state, "list_modules", held_after_reading)
+        robots: list[Robot] = []
+
+        async def submit() -> None:
+            robots.append(await api.submit("far", {}, api_key=TEST_API_KEY))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(api.refresh_modules)  # a reload that reads before "far" exists
+            await read_done.wait()
+            await api.state.upsert_modules(
+                [ModuleRecord(name="far", kinds=("far",), capacity=2, max_attempts=7)])
+            tg.start_soon(submit)
+            await anyio.wait_all_tasks_blocked()  # the submission waits for that reload
+            gate.set()
+    assert reads == 2
+    assert [(r.kind, r.module, r.max_attempts) for r in robots] == [("far", "far", 7)]
 
 
 async def test_a_status_read_from_the_store_never_replaces_a_newer_one_in_the_cache(

@@ -221,10 +221,11 @@ class SecurityValidator:
             raise ValidationError("submit at least one robot", path="$.robots")
         orch = self.orchestrator
         known = orch.balancer.known_kinds()
-        if orch.balancer.remote_stale or any(
-                isinstance(r.kind, str) and r.kind not in known for r in requests):
-            # A kind we do not know yet may have been registered by another process.
-            await orch.refresh_modules()
+        unknown = any(isinstance(r.kind, str) and r.kind not in known for r in requests)
+        if unknown or orch.balancer.remote_stale:
+            # A kind we do not know yet may have been registered by another process since
+            # the last reload began.
+            await orch.refresh_modules(fresh=unknown)
             known = orch.balancer.known_kinds()
         hook = orch.pm.hook.validate_robot
         check_hook = bool(hook.get_hookimpls())
