@@ -547,7 +547,7 @@ class Worker:
             robot_id=robot.id, lease_token=token, status=status,
             execution_status=str(exec_status), finished_at=now, duration_ms=duration_ms,
             result=result if status is RobotStatus.SUCCEEDED else None, error=error,
-            scheduled_at=scheduled_at, module=move_to, followup=followup,
+            scheduled_at=scheduled_at, module=move_to, followup=followup, claimed=robot,
         )
         stored = await self._store_completion(completion)
         if stored is None:

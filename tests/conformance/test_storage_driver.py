@@ -983,14 +983,19 @@ _outcomes = st.fixed_dictionaries({
     "move": st.booleans(),
     "followup": st.booleans(),
     "duration_ms": st.floats(0, 1e6, allow_nan=False),
+    # the completion carries the robot as claimed (the worker's do), or not
+    "claimed": st.booleans(),
+    # a progress report under the lease before the robot ends
+    "progress": st.one_of(st.none(), st.tuples(st.floats(0, 100), st.one_of(st.none(), _text))),
 })
 
 
 async def _complete_twins(driver: StorageDriver, outcomes: list[dict[str, Any]],
                           repeat: int | None) -> None:
     """Two identical groups of robots; one ends through complete_many, the other through
-    complete, one at a time; both must end alike (robots, returns, executions, children)."""
-    now = utcnow().replace(microsecond=0)
+    complete, one at a time; both must end alike (robots, returns, executions, children),
+    and each robot returned must be the robot stored."""
+    now = utcnow()
     module = f"m-{new_id()}"
     twins = [[make_robot(module=module, scheduled_at=now - timedelta(seconds=1),
                          created_at=now, updated_at=now) for _ in outcomes] for _ in range(2)]
@@ -999,6 +1004,13 @@ async def _complete_twins(driver: StorageDriver, outcomes: list[dict[str, Any]],
     claims = {c.robot.id: c for c in await claim(driver, module, limit=2 * len(outcomes),
                                                   now=now)}
     assert len(claims) == 2 * len(outcomes)
+    for group in twins:
+        for robot, spec in zip(group, outcomes, strict=True):
+            if spec["progress"] is not None:
+                percent, message = spec["progress"]
+                assert await driver.update_progress(
+                    robot.id, claims[robot.id].execution.id, percent, message,
+                    now + timedelta(seconds=1)) is not None
 
     def completions(group: list[Robot]) -> list[Completion]:
         batch = []
@@ -1019,7 +1031,7 @@ async def _complete_twins(driver: StorageDriver, outcomes: list[dict[str, Any]],
                 scheduled_at=now + timedelta(seconds=60) if status is RobotStatus.QUEUED
                 else None,
                 module="elsewhere" if spec["move"] and status is RobotStatus.QUEUED else None,
-                followup=child))
+                followup=child, claimed=c.robot if spec["claimed"] else None))
         return batch
 
     batched, single = completions(twins[0]), completions(twins[1])
@@ -1038,6 +1050,12 @@ async def _complete_twins(driver: StorageDriver, outcomes: list[dict[str, Any]],
 
     assert [r is None for r in got_batched] == [r is None for r in got_single]
     assert all(same(a, b) for a, b in zip(got_batched, got_single, strict=True))
+    # Each robot as returned is the robot stored, every field (the second of a robot
+    # that is twice in the batch is the one that ended it).
+    for got in got_batched[1 if repeat is not None else 0:] + got_single[
+            1 if repeat is not None else 0:]:
+        if got is not None:
+            assert got == await stored(driver, got.id)
     for a, b, ca, cb in zip(twins[0], twins[1], batched[-len(outcomes):],
                             single[-len(outcomes):], strict=True):
         assert same(await stored(driver, a.id), await stored(driver, b.id))

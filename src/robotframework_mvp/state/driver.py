@@ -28,7 +28,8 @@ from ..models import (
 )
 
 __all__ = ["Claim", "Completion", "CreatesClaimed", "ProgressReport", "ScheduleFire",
-           "StorageDriver", "followup_from_json", "followups_json", "set_based"]
+           "StorageDriver", "ended_robot", "followup_from_json", "followups_json",
+           "set_based"]
 
 
 @attrs.frozen
@@ -60,6 +61,11 @@ class Completion:
     #: a chain's follow-up robot (``parent_id`` and ``parent_trigger`` set), inserted in
     #: the same transaction as this completion, and never twice for one parent and trigger
     followup: Robot | None = None
+    #: the robot as its claim returned it, if the caller has it (the worker does). Under
+    #: the lease only the completion itself and progress reports change the row, so a
+    #: driver may rebuild the stored robot from this (``ended_robot``) instead of decoding
+    #: the whole row back. None: the driver reads the row.
+    claimed: Robot | None = None
 
 
 @attrs.frozen
@@ -94,6 +100,32 @@ def followups_json(robot: Robot) -> dict[str, Any] | None:
            for name, f in (("on_success", robot.on_success), ("on_failure", robot.on_failure))
            if f is not None}
     return out or None
+
+
+def ended_robot(completion: Completion, claimed: Robot, *, progress: float,
+                progress_message: str | None, result: dict[str, Any] | None) -> Robot:
+    """The stored robot after ``completion`` was written, from the robot as claimed.
+
+    The row's own ``progress``, ``progress_message`` and ``result`` (as stored, decoded)
+    come from the store; every other column is either the completion's or unchanged since
+    the claim: while the lease is held, nothing else writes the row. A conformance test
+    checks this equals the row read back, for every driver.
+    """
+    retry = completion.status is RobotStatus.QUEUED
+    return Robot(
+        id=claimed.id, kind=claimed.kind, payload=claimed.payload, owner=claimed.owner,
+        tenant=claimed.tenant, status=completion.status,
+        module=completion.module or claimed.module, progress=progress,
+        progress_message=progress_message, attempts=claimed.attempts,
+        max_attempts=claimed.max_attempts, priority=claimed.priority,
+        idempotency_key=claimed.idempotency_key, result=result, error=completion.error,
+        created_at=claimed.created_at, updated_at=completion.finished_at,
+        started_at=claimed.started_at, finished_at=None if retry else completion.finished_at,
+        scheduled_at=completion.scheduled_at or claimed.scheduled_at,
+        lease_expires_at=None, lease_token=None, parent_id=claimed.parent_id,
+        parent_trigger=claimed.parent_trigger, schedule_id=claimed.schedule_id,
+        on_success=claimed.on_success, on_failure=claimed.on_failure,
+    )
 
 
 def set_based(batch: Sequence[Completion] | Sequence[ProgressReport]) -> bool:

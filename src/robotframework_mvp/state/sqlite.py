@@ -41,6 +41,7 @@ from .driver import (
     Completion,
     ProgressReport,
     ScheduleFire,
+    ended_robot,
     followup_from_json,
     followups_json,
     set_based,
@@ -510,11 +511,12 @@ class SQLiteDriver:
         return (await self.complete_many([completion]))[0]
 
     async def complete_many(self, completions: Sequence[Completion]) -> list[Robot | None]:
-        if set_based(completions):
+        if len(completions) <= 1 or set_based(completions):
             return await self._write(lambda conn: _complete_batch(conn, completions),
                                      rows=len(completions))
+        # A robot twice: one statement each, in order.
         return await self._write(
-            lambda conn: [_complete_in(conn, completion) for completion in completions],
+            lambda conn: [_complete_batch(conn, [c])[0] for c in completions],
             rows=len(completions))
 
     async def cancel_robot(self, robot_id: str, now: datetime) -> Robot | None:
@@ -995,53 +997,42 @@ def _complete_batch(conn: sqlite3.Connection, completions: Sequence[Completion]
                     ) -> list[Robot | None]:
     """Completions of distinct robots inside an open write transaction, set-based.
 
-    ``_complete_in`` for many at once: two statements whose rows SQLite works through in
-    C, without the GIL, instead of two round trips through Python per completion.
+    Two statements whose rows SQLite works through in C, without the GIL, instead of two
+    round trips through Python per completion. A completion that carries its robot as
+    claimed (the worker's do) gets its robot rebuilt from that and the few columns only
+    the row knows: decoding whole rows (payload and all) cost more than the statements.
     """
-    rows = conn.execute(_Q["complete_robots"], {"completions": json.dumps([
-        [c.robot_id, c.lease_token, str(c.status),
-         None if c.result is None else json.dumps(c.result), _error_json(c.error),
-         c.finished_at.timestamp(), _ts(c.scheduled_at), c.module]
-        for c in completions])}).fetchall()
-    by_id = {robot.id: robot for robot in map(robot_from_row, rows)}
-    done = [c for c in completions if c.robot_id in by_id]
-    if done:
-        conn.execute(_Q["finish_executions"], {"executions": json.dumps([
-            [c.lease_token, c.execution_status, c.finished_at.timestamp(), c.duration_ms,
-             _error_json(c.error)] for c in done])})
+    retrying = any(c.scheduled_at is not None or c.module is not None for c in completions)
+    rows = conn.execute(_Q["complete_robots" if retrying else "finish_robots"], {
+        "completions": json.dumps([
+            [c.robot_id, c.lease_token, str(c.status),
+             None if c.result is None else json.dumps(c.result), _error_json(c.error),
+             c.finished_at.timestamp(), _ts(c.scheduled_at), c.module]
+            for c in completions])}).fetchall()
+    ended = {row[0]: row for row in rows}
+    done = [c for c in completions if c.robot_id in ended]
+    if not done:
+        return [None] * len(completions)
+    conn.execute(_Q["finish_executions"], {"executions": json.dumps([
+        [c.lease_token, c.execution_status, c.finished_at.timestamp(), c.duration_ms,
+         _error_json(c.error)] for c in done])})
     for completion in done:
         if completion.followup is not None:
             # In this transaction; an existing (parent_id, parent_trigger) is skipped.
             conn.execute(_Q["insert_robot"], _robot_params(completion.followup))
-    return [by_id.get(c.robot_id) for c in completions]
+    unknown = [c.robot_id for c in done if c.claimed is None]
+    read_back = {} if not unknown else {
+        robot.id: robot for robot in map(robot_from_row, conn.execute(
+            _Q["robots_by_ids"], {"ids": json.dumps(unknown)}).fetchall())}
 
+    def ended_as(c: Completion) -> Robot | None:
+        row = ended.get(c.robot_id)
+        if row is None:
+            return None  # its lease was gone: nothing written
+        if c.claimed is None:
+            return read_back[c.robot_id]
+        _, progress, message, result = row
+        return ended_robot(c, c.claimed, progress=progress, progress_message=message,
+                           result=None if result is None else json.loads(result))
 
-def _complete_in(conn: sqlite3.Connection, completion: Completion) -> Robot | None:
-    """One completion inside an open write transaction (see ``complete_many``)."""
-    now = completion.finished_at.timestamp()
-    error = _error_json(completion.error)
-    row = conn.execute(
-        _Q["complete_robot"],
-        {
-            "id": completion.robot_id,
-            "lease_token": completion.lease_token,
-            "status": str(completion.status),
-            "result": None if completion.result is None
-            else json.dumps(completion.result),
-            "error": error,
-            "now": now,
-            "scheduled_at": _ts(completion.scheduled_at),
-            "module": completion.module,
-        },
-    ).fetchone()
-    if row is None:
-        return None
-    conn.execute(
-        _Q["finish_execution"],
-        {"id": completion.lease_token, "status": completion.execution_status,
-         "finished_at": now, "duration_ms": completion.duration_ms, "error": error},
-    )
-    if completion.followup is not None:
-        # In this transaction; an existing (parent_id, parent_trigger) is skipped.
-        conn.execute(_Q["insert_robot"], _robot_params(completion.followup))
-    return robot_from_row(row)
+    return [ended_as(c) for c in completions]

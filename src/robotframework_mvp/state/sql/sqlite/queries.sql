@@ -73,27 +73,6 @@ SET progress = MAX(progress, :progress), progress_message = :message, updated_at
 WHERE id = :id AND lease_token = :lease_token AND status = 'running'
 RETURNING *;
 
--- name: complete_robot
--- End an attempt: terminal status, or back to queued for a retry.
-UPDATE robots
-SET status = :status,
-    result = :result,
-    error = :error,
-    progress = CASE WHEN :status = 'succeeded' THEN 100 ELSE progress END,
-    finished_at = CASE WHEN :status = 'queued' THEN NULL ELSE :now END,
-    scheduled_at = COALESCE(:scheduled_at, scheduled_at),
-    module = COALESCE(:module, module),
-    lease_token = NULL,
-    lease_expires_at = NULL,
-    updated_at = :now
-WHERE id = :id AND lease_token = :lease_token AND status = 'running'
-RETURNING *;
-
--- name: finish_execution
-UPDATE executions
-SET status = :status, finished_at = :finished_at, duration_ms = :duration_ms, error = :error
-WHERE id = :id AND status = 'running';
-
 -- name: update_progress_many
 -- update_progress for a batch: :reports is a JSON array of [id, lease_token, progress,
 -- message]. Ids are unique within a batch; the unary + keeps the planner on the key.
@@ -107,10 +86,12 @@ WHERE robots.id = json_extract(p.value, '$[0]')
 RETURNING *;
 
 -- name: complete_robots
--- complete_robot for a batch: :completions is a JSON array of
--- [id, lease_token, status, result, error, now, scheduled_at, module], result and error
--- as JSON text. Ids are unique within a batch. The unary + keeps the planner on the
--- primary key (the status index would scan every running robot per completion).
+-- End a batch of attempts, each with a terminal status or back to queued for a retry:
+-- :completions is a JSON array of [id, lease_token, status, result, error, now,
+-- scheduled_at, module], result and error as JSON text. Ids are unique within a batch.
+-- The unary + keeps the planner on the primary key (the status index would scan every
+-- running robot per completion). It returns only what the caller cannot know: the rest
+-- of each row is as its claim returned it (see finish_robots).
 UPDATE robots
 SET status = json_extract(c.value, '$[2]'),
     result = json_extract(c.value, '$[3]'),
@@ -127,7 +108,30 @@ FROM json_each(:completions) AS c
 WHERE robots.id = json_extract(c.value, '$[0]')
   AND robots.lease_token = json_extract(c.value, '$[1]')
   AND +robots.status = 'running'
-RETURNING *;
+RETURNING robots.id, robots.progress, robots.progress_message, robots.result;
+
+-- name: finish_robots
+-- complete_robots for a batch without retries (every status terminal, no scheduled_at or
+-- module): scheduled_at and module stay out of SET, as SQLite rewrites the entries of
+-- every index over a column that SET assigns, even to the value it had (three indexes).
+UPDATE robots
+SET status = json_extract(c.value, '$[2]'),
+    result = json_extract(c.value, '$[3]'),
+    error = json_extract(c.value, '$[4]'),
+    progress = CASE WHEN json_extract(c.value, '$[2]') = 'succeeded' THEN 100 ELSE progress END,
+    finished_at = json_extract(c.value, '$[5]'),
+    lease_token = NULL,
+    lease_expires_at = NULL,
+    updated_at = json_extract(c.value, '$[5]')
+FROM json_each(:completions) AS c
+WHERE robots.id = json_extract(c.value, '$[0]')
+  AND robots.lease_token = json_extract(c.value, '$[1]')
+  AND +robots.status = 'running'
+RETURNING robots.id, robots.progress, robots.progress_message, robots.result;
+
+-- name: robots_by_ids
+-- :ids is a JSON array of robot ids.
+SELECT * FROM robots WHERE id IN (SELECT value FROM json_each(:ids));
 
 -- name: finish_executions
 -- finish_execution for a batch: :executions is a JSON array of
