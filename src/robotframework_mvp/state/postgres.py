@@ -729,6 +729,9 @@ class PostgresDriver:
         params = [_claimed_robot_params(r, worker, now, lease_expires_at) for r in robots]
 
         async def run(conn: Connection) -> list[DictRow | None]:
+            if len(params) == 1:
+                # One statement is atomic by itself: no BEGIN and COMMIT round trips.
+                return [await _fetchone(conn, _Q["insert_claimed_robot"], params[0])]
             rows: list[DictRow | None] = []
             async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
                 await cur.executemany(_Q["insert_claimed_robot"], params, returning=True)
