@@ -66,6 +66,7 @@ from .driver import (
     Completion,
     ProgressReport,
     ScheduleFire,
+    ended_robot,
     followup_from_json,
     followups_json,
     set_based,
@@ -236,6 +237,22 @@ def _robot_columns(robots: Sequence[Robot]) -> dict[str, Any]:
         "schedule_ids": [r.schedule_id for r in robots],
         "followups": [None if (j := followups_json(r)) is None else Jsonb(j) for r in robots],
     }
+
+
+def _completion_rows(completions: Sequence[Completion]) -> Jsonb:
+    """``complete_robots``' batch: one JSON array of rows, by orjson (as ``_robot_rows``)."""
+    rows = []
+    for c in completions:
+        child = c.followup
+        rows.append([
+            c.robot_id, c.lease_token, str(c.status), str(c.execution_status), c.result,
+            None if c.error is None else {"type": c.error.type, "message": c.error.message},
+            c.finished_at, float(c.duration_ms), c.scheduled_at, c.module,
+            None if child is None else child.id, None if child is None else child.kind,
+            None if child is None else child.payload, None if child is None else child.module,
+            None if child is None else child.max_attempts,
+            None if child is None else child.parent_trigger])
+    return Jsonb(rows, dumps=json_bytes)
 
 
 def _robot_rows(robots: Sequence[Robot]) -> Jsonb:
@@ -831,11 +848,33 @@ class PostgresDriver:
 
             found = await self._write(each)
             return [None if row is None else robot_from_row(row) for row in found]
-        params = self._completion_columns(completions)
-        rows = await self._write(lambda c: _fetchall(c, _Q["complete_robots"], params))
+        params = {"completions": _completion_rows(completions), "channel": self.channel}
+        if all(c.claimed is not None for c in completions):
+            rows = await self._write(lambda c: _fetchall(c, _Q["complete_robots"], params))
+            stored: dict[str, Robot] = {}
+        else:
+            # A caller without the robots as claimed gets them read back, in the same
+            # transaction: the rows stay locked by its update until the commit.
+            async def complete_and_read(conn: Connection) -> tuple[list[DictRow], list[DictRow]]:
+                async with conn.transaction():
+                    done = await _fetchall(conn, _Q["complete_robots"], params)
+                    ids = [row["id"] for row in done]
+                    return done, await _fetchall(conn, _Q["get_robots"], {"ids": ids})
+
+            rows, full = await self._write(complete_and_read)
+            stored = {robot.id: robot for robot in map(robot_from_row, full)}
         by_id = {row["id"]: row for row in rows}
-        return [None if (row := by_id.get(c.robot_id)) is None else robot_from_row(row)
-                for c in completions]
+
+        def ended_as(c: Completion) -> Robot | None:
+            row = by_id.get(c.robot_id)
+            if row is None:
+                return None  # its lease was gone: nothing written
+            if c.claimed is None:
+                return stored[c.robot_id]
+            return ended_robot(c, c.claimed, progress=row["progress"],
+                               progress_message=row["progress_message"], result=row["result"])
+
+        return [ended_as(c) for c in completions]
 
     def _completion_params(self, c: Completion) -> dict[str, Any]:
         """``complete_robot``'s parameters for one completion."""
@@ -854,13 +893,6 @@ class PostgresDriver:
             "child_max_attempts": None if child is None else child.max_attempts,
             "child_trigger": None if child is None else child.parent_trigger,
         }
-
-    def _completion_columns(self, completions: Sequence[Completion]) -> dict[str, Any]:
-        """``complete_robots``' parameters: each ``complete_robot`` parameter as an array
-        over the batch (the channel stays one value)."""
-        rows = [self._completion_params(c) for c in completions]
-        columns = {name: [row[name] for row in rows] for name in rows[0] if name != "channel"}
-        return {**columns, "channel": self.channel}
 
     async def cancel_robot(self, robot_id: str, now: datetime) -> Robot | None:
         params = {"id": robot_id, "now": now}

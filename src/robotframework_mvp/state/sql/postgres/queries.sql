@@ -86,6 +86,13 @@ SELECT id, kind, payload, owner, tenant, status, module, progress, progress_mess
        parent_trigger, schedule_id, followups
 FROM robots WHERE id = %(id)s;
 
+-- name: get_robots
+SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
+       max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
+       started_at, finished_at, scheduled_at, lease_token, lease_expires_at, parent_id,
+       parent_trigger, schedule_id, followups
+FROM robots WHERE id = ANY(%(ids)s::text[]);
+
 -- name: list_robots
 -- Newest first; NULL filters match everything.
 SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
@@ -167,18 +174,19 @@ RETURNING r.id, r.kind, r.payload, r.owner, r.tenant, r.status, r.module, r.prog
 -- End a batch of attempts in one statement: each robot to its terminal status, or back
 -- to queued for a retry; its execution; a chain's follow-up. A row whose lease is gone
 -- (cancelled, reaped, completed already) matches nothing and comes back absent.
--- Each parameter is the array of complete_robot's parameter of the same name.
+-- The batch is one JSON array, each [id, lease_token, status, execution_status, result,
+-- error, now, duration_ms, scheduled_at, module, child_id, child_kind, child_payload,
+-- child_module, child_max_attempts, child_trigger]: one parameter, encoded at once.
+-- Only what the caller cannot know comes back (progress, its message, the result as
+-- stored): the rest of each row is as its claim returned it (state.driver.ended_robot).
 WITH input AS (
-    SELECT * FROM unnest(
-        %(id)b::text[], %(lease_token)b::text[], %(status)b::text[],
-        %(execution_status)b::text[], %(result)b::jsonb[], %(error)b::jsonb[],
-        %(now)b::timestamptz[], %(duration_ms)b::float8[],
-        %(scheduled_at)b::timestamptz[], %(module)b::text[], %(child_id)b::text[],
-        %(child_kind)b::text[], %(child_payload)b::jsonb[], %(child_module)b::text[],
-        %(child_max_attempts)b::integer[], %(child_trigger)b::text[]
-    ) AS t(id, token, status, execution_status, result, error, now, duration_ms,
-           scheduled_at, module, child_id, child_kind, child_payload, child_module,
-           child_max_attempts, child_trigger)
+    SELECT c ->> 0 AS id, c ->> 1 AS token, c ->> 2 AS status, c ->> 3 AS execution_status,
+           NULLIF(c -> 4, 'null'::jsonb) AS result, NULLIF(c -> 5, 'null'::jsonb) AS error,
+           (c ->> 6)::timestamptz AS now, (c ->> 7)::float8 AS duration_ms,
+           (c ->> 8)::timestamptz AS scheduled_at, c ->> 9 AS module, c ->> 10 AS child_id,
+           c ->> 11 AS child_kind, c -> 12 AS child_payload, c ->> 13 AS child_module,
+           (c ->> 14)::integer AS child_max_attempts, c ->> 15 AS child_trigger
+    FROM jsonb_array_elements(%(completions)s::jsonb) AS t(c)
 ), done AS (
     UPDATE robots r
     SET status = i.status,
@@ -193,11 +201,8 @@ WITH input AS (
         updated_at = i.now
     FROM input i
     WHERE r.id = i.id AND r.lease_token = i.token AND r.status = 'running'
-    RETURNING r.id, r.kind, r.payload, r.owner, r.tenant, r.status, r.module, r.progress,
-              r.progress_message, r.attempts, r.max_attempts, r.priority,
-              r.idempotency_key, r.result, r.error, r.created_at, r.updated_at,
-              r.started_at, r.finished_at, r.scheduled_at, r.lease_token,
-              r.lease_expires_at, r.parent_id, r.parent_trigger, r.schedule_id, r.followups
+    RETURNING r.id, r.status, r.owner, r.tenant, r.priority, r.progress, r.progress_message,
+              r.result
 ), execution AS (
     UPDATE executions e
     SET status = i.execution_status, finished_at = i.now, duration_ms = i.duration_ms,
@@ -221,7 +226,8 @@ WITH input AS (
     SELECT pg_notify(%(channel)s, '')
     WHERE EXISTS (SELECT 1 FROM done WHERE status = 'queued') OR EXISTS (SELECT 1 FROM child)
 )
-SELECT done.*, (SELECT count(*) FROM wake) AS woken, (SELECT count(*) FROM child) AS children
+SELECT done.id, done.progress, done.progress_message, done.result,
+       (SELECT count(*) FROM wake) AS woken, (SELECT count(*) FROM child) AS children
 FROM done;
 
 -- name: complete_robot
