@@ -306,20 +306,33 @@ def _isoformat(value: object) -> str:
 
 
 def audit_hash(prev_hash: str | None, event: AuditEvent) -> str:
-    """SHA-256 over the previous hash and the event's canonical JSON: the chain link."""
-    body = {
-        "ts": event.ts.isoformat(),
-        "principal": event.principal,
-        "action": event.action,
-        "target": event.target,
-        "outcome": event.outcome,
-        "client": event.client,
-        "request_id": event.request_id,
-        "details": event.details,
-        "prev_hash": prev_hash,
-    }
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    """SHA-256 over the previous hash and the event's canonical JSON: the chain link.
+
+    The canonical JSON is ``json.dumps(body, sort_keys=True, separators=(",", ":"),
+    ensure_ascii=True)`` of the event's fields and ``prev_hash``, a persisted format. It is
+    built here field by field, in that order and with json's own string encoder, which
+    gives the same text for a third less time than building and sorting the dict (every
+    submitted robot is audited); a property test holds the two equal.
+    """
+    canonical = (
+        '{"action":' + _json_str(event.action) + ',"client":' + _json_opt(event.client)
+        + ',"details":' + _CANONICAL.encode(event.details)
+        + ',"outcome":' + _json_str(event.outcome) + ',"prev_hash":' + _json_opt(prev_hash)
+        + ',"principal":' + _json_opt(event.principal)
+        + ',"request_id":' + _json_str(event.request_id)
+        + ',"target":' + _json_opt(event.target)
+        + ',"ts":' + _json_str(event.ts.isoformat()) + "}"
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+#: the audit chain's canonical JSON (see ``audit_hash``)
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+_json_str = json.encoder.encode_basestring_ascii
+
+
+def _json_opt(value: str | None) -> str:
+    return "null" if value is None else _json_str(value)
 
 
 def chain_audit(prev_hash: str | None, events: Sequence[AuditEvent]) -> list[AuditEvent]:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from robotframework_mvp.models import AuditEvent
+from robotframework_mvp.models import AuditEvent, audit_hash
 from robotframework_mvp.security import audit
 from robotframework_mvp.security.audit import AuditLog
 
@@ -95,3 +101,33 @@ async def test_stopping_during_a_write_lets_the_write_finish_and_loses_no_record
     assert store.batches == [["robot-0", "robot-1", "robot-2"]]
     assert log.written == 3
     assert log.pending == 0
+
+
+# --- the chain's canonical JSON ---------------------------------------------------------------
+
+_text = st.text(max_size=12)  # any code point, surrogates and controls included
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | _text
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_text, inner, max_size=3),
+    max_leaves=8)
+
+
+@settings(max_examples=300)
+@given(prev=st.none() | _text, principal=st.none() | _text, action=_text,
+       target=st.none() | _text, outcome=_text, client=st.none() | _text, request_id=_text,
+       details=st.dictionaries(_text, _json, max_size=4),
+       ts=st.datetimes(timezones=st.just(UTC)))
+def test_a_chain_link_hashes_the_canonical_json_the_trail_was_written_with(
+    prev: str | None, principal: str | None, action: str, target: str | None, outcome: str,
+    client: str | None, request_id: str, details: dict[str, Any], ts: datetime,
+) -> None:
+    """The link is built field by field for speed; it must stay byte for byte the sorted,
+    compact, ASCII-only ``json.dumps`` of the record, which every stored trail hashed."""
+    event = AuditEvent(ts=ts, principal=principal, action=action, target=target,
+                       outcome=outcome, client=client, request_id=request_id, details=details)
+    body = {"ts": ts.isoformat(), "principal": principal, "action": action,
+            "target": target, "outcome": outcome, "client": client, "request_id": request_id,
+            "details": details, "prev_hash": prev}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert audit_hash(prev, event) == hashlib.sha256(canonical.encode()).hexdigest()
