@@ -62,6 +62,42 @@ WITH ins AS (
 )
 SELECT * FROM ins;
 
+-- name: insert_claimed_robots
+-- insert_claimed_robot for a batch, in one statement: one JSON array of rows, each [id,
+-- kind, payload, owner, tenant, module, max_attempts, priority, created_at, scheduled_at,
+-- parent_id, parent_trigger, schedule_id, followups]. A row whose id exists is skipped
+-- and comes back absent.
+WITH input AS (
+    SELECT r ->> 0 AS id, r ->> 1 AS kind, r -> 2 AS payload, r ->> 3 AS owner,
+           r ->> 4 AS tenant, r ->> 5 AS module, (r ->> 6)::integer AS max_attempts,
+           (r ->> 7)::integer AS priority, (r ->> 8)::timestamptz AS created_at,
+           (r ->> 9)::timestamptz AS scheduled_at, r ->> 10 AS parent_id,
+           r ->> 11 AS parent_trigger, r ->> 12 AS schedule_id,
+           NULLIF(r -> 13, 'null'::jsonb) AS followups, n
+    FROM jsonb_array_elements(%(robots)s::jsonb) WITH ORDINALITY AS t(r, n)
+), ins AS (
+    INSERT INTO robots (id, kind, payload, owner, tenant, status, module, attempts,
+                        max_attempts, priority, created_at, updated_at, started_at,
+                        scheduled_at, lease_token, lease_expires_at, parent_id,
+                        parent_trigger, schedule_id, followups)
+    SELECT id, kind, payload, owner, tenant, 'running', module, 1, max_attempts, priority,
+           created_at, %(now)s, %(now)s, scheduled_at,
+           encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) placing
+        substring(int8send((extract(epoch FROM %(now)s::timestamptz) * 1000)::bigint) FROM 3)
+        FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid::text,
+           %(lease_expires_at)s, parent_id, parent_trigger, schedule_id, followups
+    FROM input ORDER BY n
+    ON CONFLICT DO NOTHING
+    RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
+              attempts, max_attempts, priority, idempotency_key, result, error, created_at,
+              updated_at, started_at, finished_at, scheduled_at, lease_token,
+              lease_expires_at, parent_id, parent_trigger, schedule_id, followups
+), execution AS (
+    INSERT INTO executions (id, robot_id, module, attempt, status, worker, started_at)
+    SELECT lease_token, id, module, attempts, 'running', %(worker)s, %(now)s FROM ins
+)
+SELECT * FROM ins;
+
 -- name: get_stored_robots
 -- After a skipped insert: the robots stored under these ids or (owner, idempotency_key).
 SELECT id, kind, payload, owner, tenant, status, module, progress, progress_message, attempts,
