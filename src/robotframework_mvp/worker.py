@@ -40,8 +40,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Worker"]
 
-#: robots claimed ahead per module, as a multiple of ``concurrency`` (quick modules only)
-_AHEAD_FACTOR = 6
+#: robots claimed ahead per module, as a multiple of ``concurrency`` (quick modules only):
+#: the next claim goes out when half are left, and must come back before they run out
+#: (with 6, a PostgreSQL worker's loop sat idle 13% of the time waiting for it)
+_AHEAD_FACTOR = 12
 #: a module is quick when the p95 of its recent attempts here is at most this
 _QUICK_MODULE_MS = 5.0
 #: ... over at least this many attempts
