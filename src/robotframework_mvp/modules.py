@@ -46,10 +46,16 @@ class ModuleContext:
     async def progress(self, percent: float, message: str | None = None) -> None:
         """Report progress (0-100). Progress never goes backwards: lower values are ignored.
 
+        The message is stored as its first 2,000 characters, a NUL or a lone surrogate
+        replaced by U+FFFD (no store can hold them).
+
         Raises anyio's cancellation if the robot was cancelled or its lease was lost.
         """
         if not 0 <= percent <= 100:
             raise ValueError(f"progress must be between 0 and 100, got {percent}")
+        if message is not None and not isinstance(message, str):
+            raise TypeError(f"a progress message must be a string or None, not "
+                            f"{type(message).__name__}")
         await self._report(float(percent), message)
 
     def progress_from_thread(self, percent: float, message: str | None = None) -> None:

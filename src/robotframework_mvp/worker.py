@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import time
 from collections import deque
@@ -75,9 +76,24 @@ class _Running:
     waiting: bool = False
 
 
+#: the most characters of a module's error message or progress message that are stored
+_MESSAGE_LIMIT = 2000
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable_text(text: str, limit: int = _MESSAGE_LIMIT) -> str:
+    """``text`` as every store holds it: at most ``limit`` characters, and a NUL (which
+    PostgreSQL refuses) or a lone surrogate (which is not UTF-8) replaced by U+FFFD.
+    A module's message must not make the write of its robot's progress or end fail."""
+    text = text[:limit]
+    if text.isascii() and "\x00" not in text:
+        return text
+    return _LONE_SURROGATE.sub("\ufffd", text.replace("\x00", "\ufffd"))
+
+
 def _error_info(exc: BaseException) -> ErrorInfo:
     message = str(exc) or type(exc).__name__
-    return ErrorInfo(type=type(exc).__name__, message=message[:2000])
+    return ErrorInfo(type=storable_text(type(exc).__name__), message=storable_text(message))
 
 
 class Worker:
@@ -432,6 +448,8 @@ class Worker:
         timeout = module.timeout or self.settings.resilience.default_timeout
 
         async def report(percent: float, message: str | None) -> None:
+            if message is not None:
+                message = storable_text(message)
             try:
                 updated = await self.state.update_progress(robot.id, token, percent, message)
             except ServiceUnavailableError as exc:

@@ -985,8 +985,11 @@ _outcomes = st.fixed_dictionaries({
     "duration_ms": st.floats(0, 1e6, allow_nan=False),
     # the completion carries the robot as claimed (the worker's do), or not
     "claimed": st.booleans(),
-    # a progress report under the lease before the robot ends
-    "progress": st.one_of(st.none(), st.tuples(st.floats(0, 100), st.one_of(st.none(), _text))),
+    # a progress report under the lease before the robot ends; its message as the worker
+    # hands it over (worker.storable_text: no NUL, no lone surrogate)
+    "progress": st.one_of(st.none(), st.tuples(st.floats(0, 100), st.one_of(
+        st.none(), st.text(st.characters(blacklist_categories=("Cs",),
+                                         blacklist_characters="\x00"), max_size=8)))),
 })
 
 

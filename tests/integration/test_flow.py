@@ -303,6 +303,32 @@ async def test_a_robot_whose_module_raises_is_retried_then_fails_with_its_error(
         assert after.started_at >= before.finished_at
 
 
+async def test_text_no_store_can_hold_is_stored_cleaned_not_lost(storage_url: str) -> None:
+    """A module's progress message and error text may hold what a store refuses (a NUL,
+    which PostgreSQL cannot store; a lone surrogate, which is not UTF-8): the robot still
+    ends as it should, with that character replaced, instead of its writes failing."""
+    reported = anyio.Event()
+
+    @module("scanner", max_attempts=1)
+    async def scanner(robot: Robot, ctx: ModuleContext) -> dict[str, Any]:
+        await ctx.progress(40, "page\x00 1 \ud800 of 3")
+        reported.set()
+        raise ValueError("bad byte \x00 and \udfff in the scan")
+
+    recorder = Recorder()
+    async with running_orchestrator(scanner, settings=flow_settings(storage_url),
+                                    plugins=[recorder]) as orch:
+        robot = await orch.submit("scanner", {}, api_key=TEST_API_KEY)
+        done = await orch.wait(robot.id, api_key=TEST_API_KEY, timeout=10)
+        executions = await orch.executions(robot.id, api_key=TEST_API_KEY)
+    assert reported.is_set()
+    assert [r.progress_message for r in recorder.of("progress", robot.id)] == [
+        "page\ufffd 1 \ufffd of 3"]
+    assert done.status is FAILED
+    assert done.error == ErrorInfo("ValueError", "bad byte \ufffd and \ufffd in the scan")
+    assert [e.error for e in executions] == [done.error]
+
+
 async def test_a_module_without_max_attempts_gets_the_configured_default(
     sqlite_url: str,
 ) -> None:
