@@ -105,7 +105,7 @@ class Module:
                 f"module {self.name!r} returned {type(result).__name__}; it must return a dict"
             )
         try:
-            text = json.dumps(result)
+            text = json.dumps(result, ensure_ascii=False)
         except (TypeError, ValueError) as exc:
             raise TypeError(
                 f"module {self.name!r} returned a result that is not JSON: {exc}"
@@ -113,6 +113,14 @@ class Module:
         if "\\u0000" in text:  # PostgreSQL's jsonb cannot hold it; nor do payloads
             raise TypeError(f"module {self.name!r} returned a result with a NUL character "
                             "(U+0000), which is not stored; remove it")
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError as exc:  # neither store can hold it
+                raise TypeError(
+                    f"module {self.name!r} returned a result with a lone surrogate "
+                    f"({text[exc.start]!r}), which is not UTF-8 and is not stored; remove it "
+                    "or decode the bytes it came from properly") from None
         return result
 
     async def check_health(self) -> bool:

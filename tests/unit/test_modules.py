@@ -177,6 +177,26 @@ async def test_run_rejects_a_result_with_a_nul_character_no_store_keeps(
         await nul.run(_robot(), _ctx())
 
 
+@pytest.mark.parametrize("result", [{"text": "a\ud800b"}, {"k\udfff": 1},
+                                    {"n": [{"deep": "\udc80"}]}])
+async def test_run_rejects_a_result_with_a_lone_surrogate_no_store_keeps(
+        result: dict[str, object]) -> None:
+    @module("surrogate")
+    async def surrogate(robot: Robot, ctx: ModuleContext) -> dict[str, object]:
+        return result
+
+    with pytest.raises(TypeError, match=r"'surrogate' returned a result with a lone surrogate"):
+        await surrogate.run(_robot(), _ctx())
+
+
+async def test_run_keeps_a_result_with_characters_beyond_the_basic_plane() -> None:
+    @module("emoji")
+    async def emoji(robot: Robot, ctx: ModuleContext) -> dict[str, object]:
+        return {"mood": "😀 ünïcode"}
+
+    assert await emoji.run(_robot(), _ctx()) == {"mood": "😀 ünïcode"}
+
+
 async def test_run_rejects_a_non_dict_result_of_a_plain_function_too() -> None:
     @module("sloppy_sync")
     def sloppy_sync(robot: Robot, ctx: ModuleContext) -> object:
