@@ -248,10 +248,10 @@ def _completion_rows(completions: Sequence[Completion]) -> Jsonb:
             c.robot_id, c.lease_token, str(c.status), str(c.execution_status), c.result,
             None if c.error is None else {"type": c.error.type, "message": c.error.message},
             c.finished_at, float(c.duration_ms), c.scheduled_at, c.module,
-            None if child is None else child.id, None if child is None else child.kind,
-            None if child is None else child.payload, None if child is None else child.module,
-            None if child is None else child.max_attempts,
-            None if child is None else child.parent_trigger])
+            *([None] * 6 if child is None else [
+                child.id, child.kind, child.payload, child.module, child.max_attempts,
+                child.parent_trigger]),
+        ])
     return Jsonb(rows, dumps=json_bytes)
 
 
@@ -347,11 +347,15 @@ async def _fetchone(conn: Connection, query: str, params: dict[str, Any] | None 
     return await cur.fetchone()
 
 
-def _claimed_robot_params(robot: Robot, worker: str, now: datetime,
-                         lease_expires_at: datetime) -> dict[str, Any]:
+def _check_claimable(robot: Robot) -> None:
     if robot.idempotency_key is not None or robot.module is None:
         raise ValueError("create_and_claim takes a new robot with a module and no "
                          "idempotency key")
+
+
+def _claimed_robot_params(robot: Robot, worker: str, now: datetime,
+                         lease_expires_at: datetime) -> dict[str, Any]:
+    _check_claimable(robot)
     followups = followups_json(robot)
     return {
         "id": robot.id, "kind": robot.kind, "payload": Jsonb(robot.payload),
@@ -366,9 +370,8 @@ def _claimed_robot_params(robot: Robot, worker: str, now: datetime,
 
 def _claimed_robot_rows(robots: Sequence[Robot]) -> Jsonb:
     """``insert_claimed_robots``' batch: one JSON array of rows, by orjson."""
-    if any(r.idempotency_key is not None or r.module is None for r in robots):
-        raise ValueError("create_and_claim takes a new robot with a module and no "
-                         "idempotency key")
+    for robot in robots:
+        _check_claimable(robot)
     return Jsonb([
         [r.id, r.kind, r.payload, r.owner, r.tenant, r.module, r.max_attempts, r.priority,
          r.created_at, r.scheduled_at, r.parent_id, r.parent_trigger, r.schedule_id,
