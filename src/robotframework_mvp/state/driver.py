@@ -28,8 +28,8 @@ from ..models import (
 )
 
 __all__ = ["Claim", "Completion", "CreatesClaimed", "ProgressReport", "ScheduleFire",
-           "StorageDriver", "ended_robot", "followup_from_json", "followups_json",
-           "set_based"]
+           "StorageDriver", "ended_robot", "ended_robots", "followup_from_json",
+           "followups_json", "set_based"]
 
 
 @attrs.frozen
@@ -126,6 +126,27 @@ def ended_robot(completion: Completion, claimed: Robot, *, progress: float,
         parent_trigger=claimed.parent_trigger, schedule_id=claimed.schedule_id,
         on_success=claimed.on_success, on_failure=claimed.on_failure,
     )
+
+
+def ended_robots(completions: Sequence[Completion],
+                 ended: dict[str, tuple[float, str | None, dict[str, Any] | None]],
+                 read_back: dict[str, Robot]) -> list[Robot | None]:
+    """``complete_many``'s answer, in order: None where the lease was gone (the robot is
+    not in ``ended``); else the robot rebuilt by ``ended_robot`` from its claimed copy and
+    its stored (progress, progress message, result) in ``ended``, or the robot read back
+    for a completion without a claimed copy."""
+    out: list[Robot | None] = []
+    for c in completions:
+        columns = ended.get(c.robot_id)
+        if columns is None:
+            out.append(None)
+        elif c.claimed is None:
+            out.append(read_back[c.robot_id])
+        else:
+            progress, message, result = columns
+            out.append(ended_robot(c, c.claimed, progress=progress, progress_message=message,
+                                   result=result))
+    return out
 
 
 def set_based(batch: Sequence[Completion] | Sequence[ProgressReport]) -> bool:

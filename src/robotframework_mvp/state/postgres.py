@@ -66,7 +66,7 @@ from .driver import (
     Completion,
     ProgressReport,
     ScheduleFire,
-    ended_robot,
+    ended_robots,
     followup_from_json,
     followups_json,
     set_based,
@@ -874,18 +874,9 @@ class PostgresDriver:
 
             rows, full = await self._write(complete_and_read)
             stored = {robot.id: robot for robot in map(robot_from_row, full)}
-        by_id = {row["id"]: row for row in rows}
-
-        def ended_as(c: Completion) -> Robot | None:
-            row = by_id.get(c.robot_id)
-            if row is None:
-                return None  # its lease was gone: nothing written
-            if c.claimed is None:
-                return stored[c.robot_id]
-            return ended_robot(c, c.claimed, progress=row["progress"],
-                               progress_message=row["progress_message"], result=row["result"])
-
-        return [ended_as(c) for c in completions]
+        ended = {row["id"]: (row["progress"], row["progress_message"], row["result"])
+                 for row in rows}
+        return ended_robots(completions, ended, stored)
 
     def _completion_params(self, c: Completion) -> dict[str, Any]:
         """``complete_robot``'s parameters for one completion."""

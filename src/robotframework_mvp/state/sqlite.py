@@ -41,7 +41,7 @@ from .driver import (
     Completion,
     ProgressReport,
     ScheduleFire,
-    ended_robot,
+    ended_robots,
     followup_from_json,
     followups_json,
     set_based,
@@ -1020,10 +1020,11 @@ def _complete_batch(conn: sqlite3.Connection, completions: Sequence[Completion]
              None if c.result is None else json.dumps(c.result), _error_json(c.error),
              c.finished_at.timestamp(), _ts(c.scheduled_at), c.module]
             for c in completions])}).fetchall()
-    ended = {row[0]: row for row in rows}
+    ended = {row[0]: (row[1], row[2], None if row[3] is None else json.loads(row[3]))
+             for row in rows}
     done = [c for c in completions if c.robot_id in ended]
     if not done:
-        return [None] * len(completions)
+        return [None] * len(completions)  # every lease was gone: nothing written
     conn.execute(_Q["finish_executions"], {"executions": json.dumps([
         [c.lease_token, c.execution_status, c.finished_at.timestamp(), c.duration_ms,
          _error_json(c.error)] for c in done])})
@@ -1035,15 +1036,4 @@ def _complete_batch(conn: sqlite3.Connection, completions: Sequence[Completion]
     read_back = {} if not unknown else {
         robot.id: robot for robot in map(robot_from_row, conn.execute(
             _Q["robots_by_ids"], {"ids": json.dumps(unknown)}).fetchall())}
-
-    def ended_as(c: Completion) -> Robot | None:
-        row = ended.get(c.robot_id)
-        if row is None:
-            return None  # its lease was gone: nothing written
-        if c.claimed is None:
-            return read_back[c.robot_id]
-        _, progress, message, result = row
-        return ended_robot(c, c.claimed, progress=progress, progress_message=message,
-                           result=None if result is None else json.loads(result))
-
-    return [ended_as(c) for c in completions]
+    return ended_robots(completions, ended, read_back)
