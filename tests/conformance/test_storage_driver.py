@@ -1072,6 +1072,26 @@ async def _complete_twins(driver: StorageDriver, outcomes: list[dict[str, Any]],
                 (await driver.get_robot(cb.followup.id) is None)
 
 
+async def test_a_retry_without_a_new_due_time_keeps_its_own_and_is_not_finished(
+    driver: StorageDriver,
+) -> None:
+    """Back to queued with no ``scheduled_at``: the robot keeps the due time it had and has
+    no ``finished_at``, alone or in a batch with a terminal completion."""
+    robots = [make_robot() for _ in range(3)]
+    await create(driver, *robots)
+    claims = {c.robot.id: c for c in await claim(driver, limit=3)}
+    retry_alone, retry_batched, done = (claims[r.id] for r in robots)
+    assert await driver.complete(completion(retry_alone, RobotStatus.QUEUED)) is not None
+    await driver.complete_many([completion(retry_batched, RobotStatus.QUEUED,
+                                           claimed=retry_batched.robot),
+                                completion(done, RobotStatus.SUCCEEDED, claimed=done.robot)])
+    for c in (retry_alone, retry_batched):
+        robot = await stored(driver, c.robot.id)
+        assert (robot.status, robot.finished_at, robot.scheduled_at) == (
+            RobotStatus.QUEUED, None, c.robot.scheduled_at)
+    assert (await stored(driver, done.robot.id)).finished_at is not None
+
+
 def test_complete_many_ends_robots_as_completing_them_one_by_one(
     new_driver: Callable[[], StorageDriver],
 ) -> None:

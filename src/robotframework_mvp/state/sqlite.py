@@ -1013,7 +1013,8 @@ def _complete_batch(conn: sqlite3.Connection, completions: Sequence[Completion]
     claimed (the worker's do) gets its robot rebuilt from that and the few columns only
     the row knows: decoding whole rows (payload and all) cost more than the statements.
     """
-    retrying = any(c.scheduled_at is not None or c.module is not None for c in completions)
+    retrying = any(c.status is RobotStatus.QUEUED or c.scheduled_at is not None
+                   or c.module is not None for c in completions)
     rows = conn.execute(_Q["complete_robots" if retrying else "finish_robots"], {
         "completions": json.dumps([
             [c.robot_id, c.lease_token, str(c.status),

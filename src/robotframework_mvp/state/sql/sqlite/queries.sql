@@ -112,7 +112,7 @@ RETURNING robots.id, robots.progress, robots.progress_message, robots.result;
 
 -- name: finish_robots
 -- complete_robots for a batch without retries (every status terminal, no scheduled_at or
--- module): scheduled_at and module stay out of SET, as SQLite rewrites the entries of
+-- module; the caller checks): scheduled_at and module stay out of SET, as SQLite rewrites the entries of
 -- every index over a column that SET assigns, even to the value it had (three indexes).
 UPDATE robots
 SET status = json_extract(c.value, '$[2]'),
