@@ -1036,5 +1036,5 @@ def _complete_batch(conn: sqlite3.Connection, completions: Sequence[Completion]
     unknown = [c.robot_id for c in done if c.claimed is None]
     read_back = {} if not unknown else {
         robot.id: robot for robot in map(robot_from_row, conn.execute(
-            _Q["robots_by_ids"], {"ids": json.dumps(unknown)}).fetchall())}
+            _Q["get_robots"], {"ids": json.dumps(unknown)}).fetchall())}
     return ended_robots(completions, ended, read_back)

@@ -12,6 +12,10 @@ ON CONFLICT DO NOTHING;
 -- name: get_robot
 SELECT * FROM robots WHERE id = :id;
 
+-- name: get_robots
+-- :ids is a JSON array of robot ids.
+SELECT * FROM robots WHERE id IN (SELECT value FROM json_each(:ids));
+
 -- name: get_robot_by_idempotency_key
 SELECT * FROM robots WHERE owner = :owner AND idempotency_key = :idempotency_key;
 
@@ -128,10 +132,6 @@ WHERE robots.id = json_extract(c.value, '$[0]')
   AND robots.lease_token = json_extract(c.value, '$[1]')
   AND +robots.status = 'running'
 RETURNING robots.id, robots.progress, robots.progress_message, robots.result;
-
--- name: robots_by_ids
--- :ids is a JSON array of robot ids.
-SELECT * FROM robots WHERE id IN (SELECT value FROM json_each(:ids));
 
 -- name: finish_executions
 -- finish_execution for a batch: :executions is a JSON array of
