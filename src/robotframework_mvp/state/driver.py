@@ -20,6 +20,7 @@ from ..models import (
     AuditEvent,
     ErrorInfo,
     Execution,
+    ExecutionStatus,
     FollowUp,
     ModuleRecord,
     Robot,
@@ -28,8 +29,8 @@ from ..models import (
 )
 
 __all__ = ["Claim", "Completion", "CreatesClaimed", "ProgressReport", "ScheduleFire",
-           "StorageDriver", "ended_robot", "ended_robots", "followup_from_json",
-           "followups_json", "set_based"]
+           "StorageDriver", "created_claim", "ended_robot", "ended_robots",
+           "followup_from_json", "followups_json", "set_based"]
 
 
 @attrs.frozen
@@ -100,6 +101,24 @@ def followups_json(robot: Robot) -> dict[str, Any] | None:
            for name, f in (("on_success", robot.on_success), ("on_failure", robot.on_failure))
            if f is not None}
     return out or None
+
+
+def created_claim(robot: Robot, *, lease_token: str, worker: str, now: datetime,
+                  lease_expires_at: datetime) -> Claim:
+    """The claim on a robot created claimed: the stored row, built from the robot given.
+
+    Creating it claimed writes the robot as given, except for what starting it sets:
+    status running, attempt 1, started and updated ``now``, and the lease. So a driver
+    need not read the row back (a conformance test checks this equals the stored row).
+    """
+    assert robot.module is not None
+    claimed = attrs.evolve(robot, status=RobotStatus.RUNNING, attempts=1, progress=0.0,
+                           progress_message=None, result=None, error=None,
+                           updated_at=now, started_at=now, finished_at=None,
+                           lease_token=lease_token, lease_expires_at=lease_expires_at)
+    return Claim(robot=claimed, execution=Execution(
+        id=lease_token, robot_id=robot.id, module=robot.module, attempt=1,
+        status=ExecutionStatus.RUNNING, worker=worker, started_at=now))
 
 
 def ended_robot(completion: Completion, claimed: Robot, *, progress: float,

@@ -66,6 +66,8 @@ from .driver import (
     Completion,
     ProgressReport,
     ScheduleFire,
+    created_claim,
+    ended_robot,
     ended_robots,
     followup_from_json,
     followups_json,
@@ -379,17 +381,14 @@ def _claimed_robot_rows(robots: Sequence[Robot]) -> Jsonb:
         for r in robots], dumps=json_bytes)
 
 
-def _created_claim(row: DictRow | None, worker: str, now: datetime) -> Claim | None:
-    """The claim ``insert_claimed_robot`` made; None: the id existed (a retried call
-    whose first try committed), nothing was written."""
+def _created_claim(robot: Robot, row: DictRow | None, worker: str, now: datetime,
+                   lease_expires_at: datetime) -> Claim | None:
+    """The claim ``insert_claimed_robot`` made, from its (id, lease_token) row; None: the
+    id existed (a retried call whose first try committed), nothing was written."""
     if row is None:
         return None
-    claimed = robot_from_row(row)
-    assert claimed.module is not None
-    return Claim(robot=claimed, execution=Execution(
-        id=row["lease_token"], robot_id=claimed.id, module=claimed.module,
-        attempt=claimed.attempts, status=ExecutionStatus.RUNNING, worker=worker,
-        started_at=now))
+    return created_claim(robot, lease_token=row["lease_token"], worker=worker, now=now,
+                         lease_expires_at=lease_expires_at)
 
 
 class PostgresDriver:
@@ -751,7 +750,7 @@ class PostgresDriver:
         """Create a new robot and claim it for ``worker`` in one statement (see SQLite's)."""
         params = _claimed_robot_params(robot, worker, now, lease_expires_at)
         row = await self._write(lambda c: _fetchone(c, _Q["insert_claimed_robot"], params))
-        return _created_claim(row, worker, now)
+        return _created_claim(robot, row, worker, now, lease_expires_at)
 
     async def create_and_claim_many(
         self, robots: Sequence[Robot], *, worker: str, now: datetime,
@@ -763,12 +762,13 @@ class PostgresDriver:
             params = _claimed_robot_params(robots[0], worker, now, lease_expires_at)
             row = await self._write(
                 lambda c: _fetchone(c, _Q["insert_claimed_robot"], params))
-            return [_created_claim(row, worker, now)]
+            return [_created_claim(robots[0], row, worker, now, lease_expires_at)]
         batch = {"robots": _claimed_robot_rows(robots), "now": now,
                  "lease_expires_at": lease_expires_at, "worker": worker}
         rows = await self._write(lambda c: _fetchall(c, _Q["insert_claimed_robots"], batch))
         by_id = {row["id"]: row for row in rows}
-        return [_created_claim(by_id.get(r.id), worker, now) for r in robots]
+        return [_created_claim(r, by_id.get(r.id), worker, now, lease_expires_at)
+                for r in robots]
 
     async def get_robot(self, robot_id: str) -> Robot | None:
         row = await self._read(lambda c: _fetchone(c, _Q["get_robot"], {"id": robot_id}))
@@ -853,12 +853,10 @@ class PostgresDriver:
             return []
         if not set_based(completions):
             # One statement each (a lone completion also plans faster so).
-            async def each(conn: Connection) -> list[DictRow | None]:
-                return [await _fetchone(conn, _Q["complete_robot"], self._completion_params(c))
-                        for c in completions]
+            async def each(conn: Connection) -> list[Robot | None]:
+                return [await self._complete_one(conn, c) for c in completions]
 
-            found = await self._write(each)
-            return [None if row is None else robot_from_row(row) for row in found]
+            return await self._write(each)
         params = {"completions": _completion_rows(completions), "channel": self.channel}
         if all(c.claimed is not None for c in completions):
             rows = await self._write(lambda c: _fetchall(c, _Q["complete_robots"], params))
@@ -877,6 +875,23 @@ class PostgresDriver:
         ended = {row["id"]: (row["progress"], row["progress_message"], row["result"])
                  for row in rows}
         return ended_robots(completions, ended, stored)
+
+    async def _complete_one(self, conn: Connection, c: Completion) -> Robot | None:
+        """``complete_robot`` for one completion: the robot rebuilt from its claimed copy,
+        or, for a caller without one, read back in the same transaction."""
+        params = self._completion_params(c)
+        if c.claimed is not None:
+            row = await _fetchone(conn, _Q["complete_robot"], params)
+            return None if row is None else ended_robot(
+                c, c.claimed, progress=row["progress"],
+                progress_message=row["progress_message"], result=row["result"])
+        async with conn.transaction():
+            row = await _fetchone(conn, _Q["complete_robot"], params)
+            if row is None:
+                return None
+            stored = await _fetchone(conn, _Q["get_robot"], {"id": c.robot_id})
+        assert stored is not None  # the row is locked by the update until the commit
+        return robot_from_row(stored)
 
     def _completion_params(self, c: Completion) -> dict[str, Any]:
         """``complete_robot``'s parameters for one completion."""

@@ -41,6 +41,7 @@ from .driver import (
     Completion,
     ProgressReport,
     ScheduleFire,
+    created_claim,
     ended_robots,
     followup_from_json,
     followups_json,
@@ -459,19 +460,23 @@ class SQLiteDriver:
         if any(r.idempotency_key is not None or r.module is None for r in robots):
             raise ValueError("create_and_claim takes a new robot with a module and no "
                              "idempotency key")
-        lease_ts = lease_expires_at.timestamp()
+        lease_ts, now_ts = lease_expires_at.timestamp(), now.timestamp()
 
         def run(conn: sqlite3.Connection) -> list[Claim | None]:
             claims: list[Claim | None] = []
             for robot in robots:
                 assert robot.module is not None
-                if conn.execute(_Q["insert_robot"], _robot_params(robot)).rowcount != 1:
-                    claims.append(None)
+                token = new_id()
+                params = _robot_params(robot)
+                params.update(now=now_ts, lease_token=token, lease_expires_at=lease_ts)
+                if conn.execute(_Q["insert_claimed_robot"], params).rowcount != 1:
+                    claims.append(None)  # the id exists: nothing written
                     continue
-                claim = _claim_one(conn, robot.id, robot.module, worker, now, lease_ts)
-                if claim is None:  # pragma: no cover - the row was inserted queued just now
-                    raise ServiceUnavailableError("a new robot could not be claimed; retry")
-                claims.append(claim)
+                conn.execute(_Q["insert_execution"], {
+                    "id": token, "robot_id": robot.id, "module": robot.module, "attempt": 1,
+                    "worker": worker, "started_at": now_ts})
+                claims.append(created_claim(robot, lease_token=token, worker=worker, now=now,
+                                            lease_expires_at=lease_expires_at))
             return claims
 
         return await self._write(run, rows=len(robots))
@@ -920,22 +925,6 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
 def _queue_order(robot: Robot) -> tuple[int, datetime, str]:
     """The order robots leave the queue in (``claim_due_robots``' ORDER BY)."""
     return -robot.priority, robot.scheduled_at, robot.id
-
-
-def _claim_one(conn: sqlite3.Connection, robot_id: str, module: str, worker: str,
-               now: datetime, lease_ts: float) -> Claim | None:
-    """Start one queued robot under a fresh lease, with its execution (None: not queued)."""
-    row = conn.execute(
-        _Q["claim_robot"], {"id": robot_id, "lease_token": new_id(),
-                            "lease_expires_at": lease_ts, "now": now.timestamp()},
-    ).fetchone()
-    if row is None:
-        return None
-    robot = robot_from_row(row)
-    conn.execute(_Q["insert_execution"], {
-        "id": robot.lease_token, "robot_id": robot.id, "module": module,
-        "attempt": robot.attempts, "worker": worker, "started_at": now.timestamp()})
-    return _claim_of(robot, module, worker, now)
 
 
 def _claim_of(robot: Robot, module: str, worker: str, now: datetime) -> Claim:

@@ -38,7 +38,9 @@ SELECT ins.id, (SELECT count(*) FROM wake) AS woken FROM ins;
 -- name: insert_claimed_robot
 -- A new robot that this process's worker has a free slot for: created and started under a
 -- fresh lease in one statement, with its execution; no other worker ever sees it queued.
--- Nothing comes back if the id exists (a retried call whose first try committed).
+-- Only the id and the new lease token come back: the driver builds the rest from the
+-- robot it wrote (driver.created_claim). Nothing comes back if the id exists (a retried
+-- call whose first try committed).
 WITH ins AS (
     INSERT INTO robots (id, kind, payload, owner, tenant, status, module, attempts,
                         max_attempts, priority, created_at, updated_at, started_at,
@@ -52,15 +54,12 @@ WITH ins AS (
             %(lease_expires_at)s, %(parent_id)s,
             %(parent_trigger)s, %(schedule_id)s, %(followups)s)
     ON CONFLICT DO NOTHING
-    RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
-              attempts, max_attempts, priority, idempotency_key, result, error, created_at,
-              updated_at, started_at, finished_at, scheduled_at, lease_token,
-              lease_expires_at, parent_id, parent_trigger, schedule_id, followups
+    RETURNING id, module, lease_token
 ), execution AS (
     INSERT INTO executions (id, robot_id, module, attempt, status, worker, started_at)
-    SELECT lease_token, id, module, attempts, 'running', %(worker)s, %(now)s FROM ins
+    SELECT lease_token, id, module, 1, 'running', %(worker)s, %(now)s FROM ins
 )
-SELECT * FROM ins;
+SELECT id, lease_token FROM ins;
 
 -- name: insert_claimed_robots
 -- insert_claimed_robot for a batch, in one statement: one JSON array of rows, each [id,
@@ -88,15 +87,12 @@ WITH input AS (
            %(lease_expires_at)s, parent_id, parent_trigger, schedule_id, followups
     FROM input ORDER BY n
     ON CONFLICT DO NOTHING
-    RETURNING id, kind, payload, owner, tenant, status, module, progress, progress_message,
-              attempts, max_attempts, priority, idempotency_key, result, error, created_at,
-              updated_at, started_at, finished_at, scheduled_at, lease_token,
-              lease_expires_at, parent_id, parent_trigger, schedule_id, followups
+    RETURNING id, module, lease_token
 ), execution AS (
     INSERT INTO executions (id, robot_id, module, attempt, status, worker, started_at)
-    SELECT lease_token, id, module, attempts, 'running', %(worker)s, %(now)s FROM ins
+    SELECT lease_token, id, module, 1, 'running', %(worker)s, %(now)s FROM ins
 )
-SELECT * FROM ins;
+SELECT id, lease_token FROM ins;
 
 -- name: get_stored_robots
 -- After a skipped insert: the robots stored under these ids or (owner, idempotency_key).
@@ -267,8 +263,9 @@ SELECT done.id, done.progress, done.progress_message, done.result,
 FROM done;
 
 -- name: complete_robot
--- complete_robots for one attempt (the common case when idle), without the arrays: the
--- same writes, planned and run faster for a single row. Keep the two in step.
+-- complete_robots for one attempt (the common case when idle), without the JSON batch:
+-- the same writes, planned and run faster for a single row. Keep the two in step. Like
+-- complete_robots it returns only what the completion did not set (driver.ended_robot).
 WITH done AS (
     UPDATE robots
     SET status = %(status)s::text,
@@ -308,7 +305,8 @@ WITH done AS (
     SELECT pg_notify(%(channel)s, '')
     WHERE EXISTS (SELECT 1 FROM done WHERE status = 'queued') OR EXISTS (SELECT 1 FROM child)
 )
-SELECT done.*, (SELECT count(*) FROM wake) AS woken, (SELECT count(*) FROM child) AS children
+SELECT done.id, done.progress, done.progress_message, done.result,
+       (SELECT count(*) FROM wake) AS woken, (SELECT count(*) FROM child) AS children
 FROM done;
 
 -- name: cancel_robot

@@ -9,6 +9,19 @@ VALUES (:id, :kind, :payload, :owner, :tenant, :status, :module, 0, NULL, 0, :ma
         :parent_trigger, :schedule_id, :followups)
 ON CONFLICT DO NOTHING;
 
+-- name: insert_claimed_robot
+-- A new robot that this process's worker has a free slot for: created running under the
+-- lease :lease_token (its execution is inserted next, in the same transaction), so no
+-- other worker ever sees it queued. Nothing is written if the id exists.
+INSERT INTO robots (id, kind, payload, owner, tenant, status, module, progress, progress_message,
+                    attempts, max_attempts, priority, idempotency_key, created_at, updated_at,
+                    started_at, scheduled_at, lease_token, lease_expires_at, parent_id,
+                    parent_trigger, schedule_id, followups)
+VALUES (:id, :kind, :payload, :owner, :tenant, 'running', :module, 0, NULL, 1, :max_attempts,
+        :priority, NULL, :created_at, :now, :now, :scheduled_at, :lease_token,
+        :lease_expires_at, :parent_id, :parent_trigger, :schedule_id, :followups)
+ON CONFLICT DO NOTHING;
+
 -- name: get_robot
 SELECT * FROM robots WHERE id = :id;
 
@@ -28,14 +41,6 @@ WHERE (:tenant IS NULL OR tenant = :tenant)
   AND (:before_id IS NULL OR id < :before_id)
 ORDER BY id DESC
 LIMIT :limit;
-
--- name: claim_robot
-UPDATE robots
-SET status = 'running', attempts = attempts + 1, lease_token = :lease_token,
-    lease_expires_at = :lease_expires_at, started_at = COALESCE(started_at, :now),
-    updated_at = :now
-WHERE id = :id AND status = 'queued'
-RETURNING *;
 
 -- name: claim_due_robots
 -- Claim up to :limit due robots of a module in one statement, under the write lock of
