@@ -63,13 +63,18 @@ class ModuleContext:
         anyio.from_thread.run(self.progress, percent, message)
 
 
+def _note_kind_of_func(module: Module, _attribute: object, func: ProcessFunc) -> ProcessFunc:
+    module.is_async = inspect.iscoroutinefunction(func)
+    return func
+
+
 @attrs.define(eq=False)
 class Module:
     """A registered unit of work. Create with the ``@module`` decorator."""
 
     name: str
     kinds: tuple[str, ...]
-    func: ProcessFunc = attrs.field(repr=False)
+    func: ProcessFunc = attrs.field(repr=False, on_setattr=_note_kind_of_func)
     capacity: int = 8
     timeout: float | None = None
     max_attempts: int | None = None
@@ -81,9 +86,12 @@ class Module:
     retry_base_seconds: float | None = None
     retry_cap_seconds: float | None = None
 
-    @property
-    def is_async(self) -> bool:
-        return inspect.iscoroutinefunction(self.func)
+    #: whether ``func`` is an ``async def``: looked up once (and again when ``func`` is
+    #: set), not for every robot run
+    is_async: bool = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.is_async = inspect.iscoroutinefunction(self.func)
 
     def health_check(self, func: HealthFunc) -> HealthFunc:
         """Decorator: attach a health check (``() -> bool``, sync or async) to this module."""

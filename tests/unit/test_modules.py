@@ -148,6 +148,27 @@ async def test_a_plain_function_runs_in_a_worker_thread() -> None:
     assert seen[0] != threading.get_ident()
 
 
+async def test_a_module_whose_function_is_replaced_runs_the_new_one_the_way_it_needs(
+) -> None:
+    """``is_async`` is looked up once, so replacing ``func`` must look it up again: an
+    ``async def`` put in place of a plain function is awaited, not sent to a thread."""
+    seen: list[int] = []
+
+    @module("swapped")
+    def plain(robot: Robot, ctx: ModuleContext) -> dict[str, object]:
+        seen.append(threading.get_ident())
+        return {"how": "thread"}
+
+    async def awaited(robot: Robot, ctx: ModuleContext) -> dict[str, object]:
+        seen.append(threading.get_ident())
+        return {"how": "loop"}
+
+    plain.func = awaited
+    assert plain.is_async
+    assert await plain.run(_robot(), _ctx()) == {"how": "loop"}
+    assert seen == [threading.get_ident()]
+
+
 async def test_a_module_that_returns_nothing_has_an_empty_result() -> None:
     @module("quiet")
     async def quiet(robot: Robot, ctx: ModuleContext) -> None:
