@@ -2,8 +2,10 @@
 anomaly alerts, and the leader election that decides who runs the fleet-wide ones.
 
 All run as tasks of one task group, a child of the orchestrator's, and end by
-cancellation when it stops. A failing iteration is logged and retried at the next
-interval; it never takes the loop (or the orchestrator) down. Every process checks its
+cancellation when it stops. A round under way then finishes first (within
+``ROUND_GRACE_SECONDS``): cut off mid-statement, psycopg would have to cancel the query
+on the server and close the connection. A failing iteration is logged and retried at
+the next interval; it never takes the loop (or the orchestrator) down. Every process checks its
 own modules' health, stores its own module records, reaps expired leases, drops its stale
 cache entries and watches its own step latencies for anomalies; only the leader
 (``leader.py``) scores the stored module records from every process's attempts and
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 _FLEET_SAMPLES = 20_000
 #: loops only the leader runs
 LEADER_LOOPS = frozenset({"scores", "cleanup"})
+#: how long a round under way may go on once the orchestrator stops, before it is cut off
+ROUND_GRACE_SECONDS = 5.0
 
 
 class BackgroundLoops:
@@ -57,6 +61,10 @@ class BackgroundLoops:
         self.queue_guard = QueueGuard(orchestrator)
         #: the last health check of each local module: health, latency, when
         self.health_checks: dict[str, dict[str, object]] = {}
+        #: the rounds under way, each shielded from the stop until it ends or is cut off
+        self._rounds: set[anyio.CancelScope] = set()
+        self._no_rounds = anyio.Event()
+        self._no_rounds.set()
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -76,6 +84,34 @@ class BackgroundLoops:
             tg.start_soon(self._loop, "cleanup", cfg.cleanup_interval, self.cleanup_once,
                           False)
             task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                await self._wind_down()
+
+    async def _wind_down(self) -> None:
+        """On stop: let the rounds under way end, then cut off any still going."""
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(ROUND_GRACE_SECONDS):
+                await self._no_rounds.wait()
+            if self._rounds:
+                log.warning("%d background round(s) still going %g s after the stop; "
+                            "cutting them off", len(self._rounds), ROUND_GRACE_SECONDS)
+            for scope in self._rounds:
+                scope.cancel()
+
+    async def _round(self, step: Callable[[], Awaitable[None]]) -> None:
+        """One iteration, shielded from the stop (see ``_wind_down``)."""
+        with anyio.CancelScope(shield=True) as scope:
+            if not self._rounds:
+                self._no_rounds = anyio.Event()
+            self._rounds.add(scope)
+            try:
+                await step()
+            finally:
+                self._rounds.discard(scope)
+                if not self._rounds:
+                    self._no_rounds.set()
 
     async def _loop(self, name: str, interval: float, step: Callable[[], Awaitable[None]],
                     run_first: bool) -> None:
@@ -83,7 +119,7 @@ class BackgroundLoops:
             await anyio.sleep(interval)
         while True:
             try:
-                await step()
+                await self._round(step)
             except Exception:
                 self.failures[name] = self.failures.get(name, 0) + 1
                 log.exception("background loop %r failed; retrying in %.0f s", name, interval)

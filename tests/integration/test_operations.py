@@ -313,3 +313,58 @@ async def test_every_metric_family_emitted_is_documented_in_operations_md(
     missing = [name for name in families if f"`{name}`" not in doc]
     assert not missing, f"docs/operations.md does not document: {missing}"
 
+
+
+# -- stopping ------------------------------------------------------------------------------
+
+
+async def test_a_background_round_under_way_at_the_stop_finishes_on_an_open_store(
+    storage_url: str,
+) -> None:
+    """Stopping the orchestrator lets a background round end instead of cutting it off
+    mid-statement (on PostgreSQL, psycopg then cancels the query on the server and closes
+    the connection); the store stays open until it has."""
+    entered = anyio.Event()
+    finished: list[int] = []
+
+    async with Orchestrator(test_settings(storage_url, worker={"enabled": False},
+                                          background={"reaper_interval": 0.01}),
+                            modules=[work]) as orch:
+        async def slow_reap() -> list[Any]:
+            entered.set()
+            await anyio.sleep(0.3)  # the stop arrives meanwhile
+            finished.append(len(await orch.state.list_modules()))
+            return []
+
+        orch.state.reap_expired_leases = slow_reap  # type: ignore[method-assign]
+        with anyio.fail_after(5):
+            await entered.wait()
+    assert finished == [1]  # its read after the stop was answered: "work" is registered
+
+
+async def test_a_background_round_that_does_not_end_is_cut_off_after_the_grace(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    from robotframework_mvp import background
+
+    monkeypatch.setattr(background, "ROUND_GRACE_SECONDS", 0.2)
+    entered = anyio.Event()
+    cut_off: list[bool] = []
+
+    with anyio.fail_after(5):  # the stop does not wait for it beyond the grace
+        async with Orchestrator(test_settings(sqlite_url, worker={"enabled": False},
+                                              background={"reaper_interval": 0.01}),
+                                modules=[work]) as orch:
+            async def stuck_reap() -> list[Any]:
+                entered.set()
+                try:
+                    await anyio.sleep_forever()
+                except anyio.get_cancelled_exc_class():
+                    cut_off.append(True)
+                    raise
+                return []  # pragma: no cover - never reached
+
+            orch.state.reap_expired_leases = stuck_reap  # type: ignore[method-assign]
+            await entered.wait()
+    assert cut_off == [True]
+    assert "still going 0.2 s after the stop; cutting them off" in caplog.text
