@@ -5,11 +5,11 @@ All run as tasks of one task group, a child of the orchestrator's, and end by
 cancellation when it stops. A round under way then finishes first (within
 ``ROUND_GRACE_SECONDS``): cut off mid-statement, psycopg would have to cancel the query
 on the server and close the connection. A failing iteration is logged and retried at
-the next interval; it never takes the loop (or the orchestrator) down. Every process checks its
-own modules' health, stores its own module records, reaps expired leases, drops its stale
-cache entries and watches its own step latencies for anomalies; only the leader
-(``leader.py``) scores the stored module records from every process's attempts and
-deletes data past its retention.
+the next interval; it never takes the loop (or the orchestrator) down. Every process
+checks its own modules' health, stores its own module records, reaps expired leases,
+drops its stale cache entries and watches its own step latencies for anomalies; only
+the leader (``leader.py``) scores the stored module records from every process's
+attempts and deletes data past its retention.
 """
 
 from __future__ import annotations
