@@ -29,7 +29,7 @@ from ..models import (
 )
 
 __all__ = ["Claim", "Completion", "CreatesClaimed", "ProgressReport", "ScheduleFire",
-           "StorageDriver", "created_claim", "ended_robot", "ended_robots",
+           "StorageDriver", "claim_of", "created_claim", "ended_robot", "ended_robots",
            "followup_from_json", "followups_json", "set_based"]
 
 
@@ -103,6 +103,14 @@ def followups_json(robot: Robot) -> dict[str, Any] | None:
     return out or None
 
 
+def claim_of(robot: Robot, module: str, worker: str, now: datetime) -> Claim:
+    """A claimed robot with its running execution (whose id is the lease token)."""
+    assert robot.lease_token is not None
+    return Claim(robot=robot, execution=Execution(
+        id=robot.lease_token, robot_id=robot.id, module=module, attempt=robot.attempts,
+        status=ExecutionStatus.RUNNING, worker=worker, started_at=now))
+
+
 def created_claim(robot: Robot, *, lease_token: str, worker: str, now: datetime,
                   lease_expires_at: datetime) -> Claim:
     """The claim on a robot created claimed: the stored row, built from the robot given.
@@ -116,9 +124,7 @@ def created_claim(robot: Robot, *, lease_token: str, worker: str, now: datetime,
                            progress_message=None, result=None, error=None,
                            updated_at=now, started_at=now, finished_at=None,
                            lease_token=lease_token, lease_expires_at=lease_expires_at)
-    return Claim(robot=claimed, execution=Execution(
-        id=lease_token, robot_id=robot.id, module=robot.module, attempt=1,
-        status=ExecutionStatus.RUNNING, worker=worker, started_at=now))
+    return claim_of(claimed, robot.module, worker, now)
 
 
 def ended_robot(completion: Completion, claimed: Robot, *, progress: float,

@@ -66,6 +66,7 @@ from .driver import (
     Completion,
     ProgressReport,
     ScheduleFire,
+    claim_of,
     created_claim,
     ended_robot,
     ended_robots,
@@ -799,16 +800,7 @@ class PostgresDriver:
         params = {"module": module, "limit": limit, "worker": worker, "now": now,
                   "lease_expires_at": lease_expires_at}
         rows = await self._write(lambda c: _fetchall(c, _Q["claim_robots"], params))
-        claims = []
-        for row in rows:
-            robot = robot_from_row(row)
-            token = row["lease_token"]
-            execution = Execution(
-                id=token, robot_id=robot.id, module=module, attempt=robot.attempts,
-                status=ExecutionStatus.RUNNING, worker=worker, started_at=now,
-            )
-            claims.append(Claim(robot=robot, execution=execution))
-        return claims
+        return [claim_of(robot_from_row(row), module, worker, now) for row in rows]
 
     async def renew_leases(
         self, leases: Sequence[tuple[str, str]], lease_expires_at: datetime

@@ -41,6 +41,7 @@ from .driver import (
     Completion,
     ProgressReport,
     ScheduleFire,
+    claim_of,
     created_claim,
     ended_robots,
     followup_from_json,
@@ -435,7 +436,7 @@ class SQLiteDriver:
             conn.execute(_Q["insert_claimed_executions"], {
                 "ids": json.dumps([r.id for r in robots]), "module": module, "worker": worker,
                 "now": params["now"]})
-            return [_claim_of(r, module, worker, now) for r in robots]
+            return [claim_of(r, module, worker, now) for r in robots]
 
         return await self._write(run, rows=limit, inline_max=_WORKER_INLINE_MAX_ROWS)
 
@@ -925,13 +926,6 @@ def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T]
 def _queue_order(robot: Robot) -> tuple[int, datetime, str]:
     """The order robots leave the queue in (``claim_due_robots``' ORDER BY)."""
     return -robot.priority, robot.scheduled_at, robot.id
-
-
-def _claim_of(robot: Robot, module: str, worker: str, now: datetime) -> Claim:
-    """A claimed robot with its running execution (whose id is the lease token)."""
-    return Claim(robot=robot, execution=Execution(
-        id=str(robot.lease_token), robot_id=robot.id, module=module, attempt=robot.attempts,
-        status=ExecutionStatus.RUNNING, worker=worker, started_at=now))
 
 
 def _robot_params(robot: Robot) -> dict[str, Any]:
