@@ -445,6 +445,10 @@ class BackgroundConfig:
     reaper_interval: float = attrs.field(
         default=5.0, metadata=_var("RFMVP_REAPER_INTERVAL", _parse_positive_float, _POS_FLOAT,
                                    "How often expired leases are looked for."))
+    loop_lag_interval: float = attrs.field(
+        default=0.1, metadata=_var("RFMVP_LOOP_LAG_INTERVAL", _parse_positive_float,
+                                   _POS_FLOAT, "How often the event loop's lag is sampled "
+                                   "(`rfmvp_event_loop_lag_seconds`)."))
     alert_interval: float = attrs.field(
         default=30.0, metadata=_var("RFMVP_ALERT_INTERVAL", _parse_positive_float, _POS_FLOAT,
                                     "How often step latencies and error rates are checked "

@@ -78,6 +78,7 @@ class _Collector:
         yield hist
         yield errors
         yield quantiles
+        yield from _loop_lag(orch)
 
         score = GaugeMetricFamily("rfmvp_module_score", "Module score (0-1)", labels=["module"])
         load = GaugeMetricFamily("rfmvp_module_load", "Robots running on a module here",
@@ -186,6 +187,24 @@ class _Collector:
                     if isinstance(value, int | float):
                         usage.add_metric([pool_name, figure], float(value))
             yield usage
+
+
+def _loop_lag(orch: Orchestrator) -> Iterator[Metric]:
+    lag = orch.loop_lag.metrics
+    buckets, count, total_ms = lag.histogram()
+    hist = HistogramMetricFamily(
+        "rfmvp_event_loop_lag_seconds",
+        "How late the event loop ran a due timer (sampled every RFMVP_LOOP_LAG_INTERVAL)")
+    hist.add_metric([], [(f"{bound / 1000:g}", float(n)) for bound, n in buckets]
+                    + [("+Inf", count)], total_ms / 1000)
+    yield hist
+    stats = lag.stats()
+    recent = GaugeMetricFamily("rfmvp_event_loop_lag_recent_seconds",
+                               "Event loop lag over the last samples: percentiles and max",
+                               labels=["quantile"])
+    for q, value in (("0.5", stats.p50_ms), ("0.99", stats.p99_ms), ("1", stats.max_ms)):
+        recent.add_metric([q], value / 1000)
+    yield recent
 
 
 def _resilience(orch: Orchestrator) -> Iterator[Metric]:

@@ -37,6 +37,7 @@ from .errors import (
     RobotFrameworkError,
     ValidationError,
 )
+from .loop_lag import LoopLagMonitor
 from .models import (
     AuditEvent,
     ErrorInfo,
@@ -102,6 +103,8 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
         self._extra_modules = tuple(modules)
         self._extra_plugins = tuple(plugins)
         self.tracker = PerformanceTracker(window_size=self.settings.performance.window_size)
+        #: how late this process's event loop runs what is due (``rfmvp_event_loop_lag_*``)
+        self.loop_lag = LoopLagMonitor(self.settings.background.loop_lag_interval)
         self._waiters: dict[str, _Waiter] = {}
         self._modules_reload: anyio.Event | None = None  # set when the reload under way ends
         self._started = False
@@ -173,6 +176,7 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                     for task in contributed or ()]
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self.audit.run)
+                    tg.start_soon(self.loop_lag.run)
                     tg.start_soon(self.cache.run_writer)
                     tg.start_soon(self.security.run)
                     from .background import BackgroundLoops

@@ -9,6 +9,7 @@ docs/operations.md (a new leader within a few ``RFMVP_LEADER_INTERVAL``).
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -313,6 +314,22 @@ async def test_every_metric_family_emitted_is_documented_in_operations_md(
     missing = [name for name in families if f"`{name}`" not in doc]
     assert not missing, f"docs/operations.md does not document: {missing}"
 
+
+async def test_a_held_up_event_loop_shows_in_the_loop_lag_metrics(sqlite_url: str) -> None:
+    async with running_orchestrator(work, settings=test_settings(
+            sqlite_url, background={"loop_lag_interval": 0.005})) as orch:
+        await _until(lambda: orch.loop_lag.samples >= 2, 5, "the monitor's first samples")
+        before = orch.loop_lag.samples
+        time.sleep(0.06)  # noqa: ASYNC251 - a callback that holds the loop for 60 ms
+        await _until(lambda: orch.loop_lag.samples > before, 5, "a sample after the hold")
+        text = await render_metrics(orch)
+    worst = re.search(r'^rfmvp_event_loop_lag_recent_seconds\{quantile="1"\} (\S+)$', text,
+                      flags=re.MULTILINE)
+    assert worst is not None
+    assert float(worst.group(1)) >= 0.055  # the 60 ms less the interval
+    count = re.search(r"^rfmvp_event_loop_lag_seconds_count (\S+)$", text, flags=re.MULTILINE)
+    assert count is not None
+    assert float(count.group(1)) >= 3
 
 
 # -- stopping ------------------------------------------------------------------------------

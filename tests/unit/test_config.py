@@ -92,6 +92,7 @@ VALID: dict[str, tuple[str, Any]] = {
     "RFMVP_ALERT_ERROR_RATE": ("0.25", 0.25),
     "RFMVP_ALERT_MIN_SAMPLES": ("20", 20),
     "RFMVP_ALERT_INTERVAL": ("10", 10.0),
+    "RFMVP_LOOP_LAG_INTERVAL": ("0.25", 0.25),
     "RFMVP_LEADER_BACKEND": ("Redis", "redis"),
     "RFMVP_LEADER_INTERVAL": ("2", 2.0),
     "RFMVP_DASHBOARD_PUBLIC": ("yes", True),
