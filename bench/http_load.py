@@ -10,9 +10,12 @@ with a static key and no rate limit, waits for /health, warms up, then keeps
 ``--connections`` keep-alive connections busy with ``{"kind":"echo","payload":{}}`` for
 ``--duration`` seconds (or ``--max-requests``). Prints one JSON line: requests_per_s,
 p50/p95/p99 ms, errors, non_2xx, and the CPU seconds the server and the load client
-used (both share this machine's cores). Then waits until the server's worker has run every
-robot, stops the server with SIGTERM, and checks that each robot created succeeded exactly
-once (``--no-worker``: that each is stored once, still queued).
+used (both share this machine's cores). From the server's ``/metrics``: how often its
+event loop was held up during the load (``server_loop_lag``: of the lag samples taken,
+the share over 5, 10 and 25 ms; see docs/operations.md), and each step's p99 over its
+last samples when the load ends (``server_step_p99_ms``). Then waits until the server's
+worker has run every robot, stops the server with SIGTERM, and checks that each robot
+created succeeded exactly once (``--no-worker``: that each is stored once, still queued).
 
 Clients: ``raw`` (default: minimal HTTP/1.1 keep-alive over asyncio streams, about a fifth
 of a core at 1,000 req/s, so the server is what is measured), ``httpx`` (an
@@ -213,6 +216,42 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0)
     raise SystemExit("the server did not become healthy within 30 s")
 
 
+_LAG_BUCKET = re.compile(r'^rfmvp_event_loop_lag_seconds_bucket\{le="([^"]+)"\} (\S+)$',
+                         re.MULTILINE)
+
+
+_STEP_P99 = re.compile(
+    r'^rfmvp_step_latency_seconds\{operation="([^"]+)",quantile="0.99"\} (\S+)$', re.MULTILINE)
+
+
+def scrape(url: str) -> str:
+    import httpx
+
+    return httpx.get(url + "/metrics", timeout=10.0).text
+
+
+def loop_lag_buckets(text: str) -> dict[str, float]:
+    """The server's cumulative event-loop lag histogram (``le`` -> count)."""
+    return {le: float(n) for le, n in _LAG_BUCKET.findall(text)}
+
+
+def step_p99_ms(text: str) -> dict[str, float]:
+    """The server's p99 of each step over its last samples (its window)."""
+    return {op: round(float(v) * 1000, 3) for op, v in _STEP_P99.findall(text)}
+
+
+def loop_lag_during(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """The lag samples the server took between two scrapes, and the share of them that
+    were over 5, 10 and 25 ms: how often ready work waited behind long callbacks."""
+    samples = after.get("+Inf", 0.0) - before.get("+Inf", 0.0)
+    out: dict[str, Any] = {"samples": int(samples)}
+    for ms in (5, 10, 25):
+        le = f"{ms / 1000:g}"
+        at_most = after.get(le, 0.0) - before.get(le, 0.0)
+        out[f"over_{ms}ms"] = round(1 - at_most / samples, 3) if samples else None
+    return out
+
+
 def stop_server(proc: subprocess.Popen[bytes]) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -284,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                      "record", "-p", str(proc.pid), "-r", "400", "-f", "raw", "--threads",
                      "-d", str(max(1, round(args.duration))), "-o", args.profile_server],
                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            lag0 = loop_lag_buckets(scrape(url))
             server_cpu0, client_cpu0, t0 = cpu_seconds(proc.pid), self_cpu(), time.perf_counter()
             stats = Stats()
             result: dict[str, Any]
@@ -313,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
             result["server_cpu_s"] = round(cpu_seconds(proc.pid) - server_cpu0, 2)
             result["client_cpu_s"] = round(self_cpu() - client_cpu0, 2)
             result["wall_s"] = round(elapsed, 2)
+            text = scrape(url)
+            result["server_loop_lag"] = loop_lag_during(lag0, loop_lag_buckets(text))
+            result["server_step_p99_ms"] = step_p99_ms(text)
             expected = accepted + warm.ok
             if spy is not None:
                 spy.wait(timeout=60)

@@ -34,6 +34,7 @@ from robotframework_mvp.models import (
 )
 from robotframework_mvp.security.audit import verify_chain
 from robotframework_mvp.state.driver import (
+    AUDIT_SLICE,
     Claim,
     Completion,
     CreatesClaimed,
@@ -900,6 +901,29 @@ async def test_concurrent_audit_appends_keep_one_unbroken_chain(driver: StorageD
     records = await driver.list_audit(after_seq=0, limit=1000)
     assert len(records) == 24
     assert verify_chain(records, anchor=None) is None
+
+
+async def test_batches_of_several_slices_chain_and_read_back_as_written(
+    driver: StorageDriver,
+) -> None:
+    """A flush under load carries hundreds of records, chained a slice at a time
+    (``driver.AUDIT_SLICE``); concurrent ones too. The chain links across every slice and
+    every batch, and each record reads back as written, details included."""
+    details = {"kind": "échantillon", "b": [1, 2.5, None], "a": {"z": True}}
+
+    async def append(n: int) -> list[AuditEvent]:
+        return await driver.append_audit([audit_event(n * 1000 + i, details=details)
+                                          for i in range(AUDIT_SLICE * 2 + 7)])
+
+    first = await append(0)
+    async with anyio.create_task_group() as tg:
+        for n in range(1, 4):
+            tg.start_soon(append, n)
+    records = await driver.list_audit(after_seq=0, limit=10_000)
+    assert len(records) == 4 * (AUDIT_SLICE * 2 + 7)
+    assert [event for _, event in records[:len(first)]] == first
+    assert verify_chain(records, anchor=None) is None
+    assert all(event.details == details for _, event in records)
 
 
 async def test_two_processes_appending_in_turn_keep_one_unbroken_chain(

@@ -50,7 +50,6 @@ from ..models import (
     Robot,
     RobotStatus,
     Schedule,
-    chain_audit,
     json_bytes,
 )
 from ..resilience import (
@@ -66,6 +65,7 @@ from .driver import (
     Completion,
     ProgressReport,
     ScheduleFire,
+    chain_audit_in_slices,
     claim_of,
     created_claim,
     ended_robot,
@@ -998,7 +998,7 @@ class PostgresDriver:
                     return list(attempted)
                 row = await _fetchone(conn, _Q["last_audit_hash"])
                 prev = None if row is None else row["hash"]
-                chained = chain_audit(prev, events)
+                chained = await chain_audit_in_slices(prev, events)
                 attempted[:] = chained
                 await conn.execute(_Q["insert_audit"], {"records": Jsonb([
                     [e.ts.isoformat(), e.principal, e.action, e.target, e.outcome, e.client,

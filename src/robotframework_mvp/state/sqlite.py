@@ -34,6 +34,7 @@ from ..models import (
     RobotStatus,
     Schedule,
     chain_audit,
+    json_bytes,
     new_id,
 )
 from .driver import (
@@ -41,6 +42,7 @@ from .driver import (
     Completion,
     ProgressReport,
     ScheduleFire,
+    chain_audit_in_slices,
     claim_of,
     created_claim,
     ended_robots,
@@ -647,7 +649,8 @@ class SQLiteDriver:
         # and the row by row inserts waited for the GIL the busy loop holds, and every
         # small write waited for them.
         head = self._audit_head
-        linked = _audit_records(chain_audit(head, events)) if self._audit_head_known else None
+        linked = _audit_records(await chain_audit_in_slices(head, events)) \
+            if self._audit_head_known else None
 
         def run(conn: sqlite3.Connection) -> list[AuditEvent]:
             row = conn.execute(_Q["last_audit_hash"]).fetchone()
@@ -902,11 +905,12 @@ class SQLiteDriver:
 
 
 def _audit_records(chained: list[AuditEvent]) -> tuple[list[AuditEvent], str]:
-    """Chained records and ``insert_audit``'s JSON array of them."""
-    return chained, json.dumps([
+    """Chained records and ``insert_audit``'s JSON array of them (by orjson: a fifth of
+    ``json.dumps``' time; as text, since SQLite reads a blob as its binary JSONB)."""
+    return chained, json_bytes([
         [e.ts.timestamp(), e.principal, e.action, e.target, e.outcome, e.client,
-         e.request_id, json.dumps(e.details, sort_keys=True), e.prev_hash, e.hash]
-        for e in chained])
+         e.request_id, json_bytes(e.details).decode(), e.prev_hash, e.hash]
+        for e in chained]).decode()
 
 
 def _transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], *,
