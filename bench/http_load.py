@@ -14,8 +14,9 @@ used (both share this machine's cores). From the server's ``/metrics``: how ofte
 event loop was held up during the load (``server_loop_lag``: of the lag samples taken,
 the share over 5, 10 and 25 ms; see docs/operations.md), and each step's p99 over its
 last samples when the load ends (``server_step_p99_ms``). Then waits until the server's
-worker has run every robot, stops the server with SIGTERM, and checks that each robot
-created succeeded exactly once (``--no-worker``: that each is stored once, still queued).
+worker has run every robot (``backlog_at_end`` robots were left, ``drain_s`` it took),
+stops the server with SIGTERM, and checks that each robot created succeeded exactly once
+(``--no-worker``: that each is stored once, still queued).
 
 Clients: ``raw`` (default: minimal HTTP/1.1 keep-alive over asyncio streams, about a fifth
 of a core at 1,000 req/s, so the server is what is measured), ``httpx`` (an
@@ -263,14 +264,20 @@ def stop_server(proc: subprocess.Popen[bytes]) -> int:
     return proc.returncode
 
 
-def wait_drained(store: bs.ScratchStore, timeout: float) -> int:
-    """Wait until no robot is queued or running; return how many still are."""
-    deadline = time.monotonic() + timeout
+def wait_drained(store: bs.ScratchStore, timeout: float) -> tuple[int, int, float]:
+    """Wait until no robot is queued or running. Returns how many still are, how many
+    were when the wait began (the worker's backlog at the end of the load), and the
+    seconds waited: a server that takes requests faster than its worker runs them shows
+    here, not in requests/s."""
+    started = time.monotonic()
+    backlog = None
     while True:
         robots, _ = bs._rows(store)
         left = sum(1 for _, status, _ in robots if status in ("queued", "running"))
-        if left == 0 or time.monotonic() > deadline:
-            return left
+        if backlog is None:
+            backlog = left
+        if left == 0 or time.monotonic() > started + timeout:
+            return left, backlog, round(time.monotonic() - started, 2)
         time.sleep(0.2)
 
 
@@ -359,7 +366,10 @@ def main(argv: list[str] | None = None) -> int:
             expected = accepted + warm.ok
             if spy is not None:
                 spy.wait(timeout=60)
-            left = wait_drained(store, args.drain_timeout) if args.worker else 0
+            left = 0
+            if args.worker:
+                left, result["backlog_at_end"], result["drain_s"] = wait_drained(
+                    store, args.drain_timeout)
         finally:
             code = stop_server(proc)
         check = bs.verify(store) if args.worker else {"verified": True, "problems": []}

@@ -107,3 +107,41 @@ async def test_small_writes_on_the_loop_still_get_the_wal_checkpointed(
         assert (tmp_path / "robots.db-wal").stat().st_size < 2500 * 4096
     finally:
         await driver.close()
+
+
+async def test_a_small_write_waiting_for_thread_writes_is_not_starved_by_more_of_them(
+        tmp_path: Path) -> None:
+    """Thread writes submitted back to back (a stream of submissions) must let a small
+    write that waits for them (a completion on the loop) go between two of them."""
+    url = f"sqlite:///{tmp_path / 'robots.db'}"
+    driver = SQLiteDriver(url)
+    await driver.open()
+    try:
+        await driver.migrate()
+        other = sqlite3.connect(tmp_path / "robots.db", isolation_level=None,
+                                check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # holds the first thread write until released
+        written: list[int] = []
+        small_done_after: list[int] = []
+
+        async def stream_of_batches() -> None:
+            for n in range(20):  # each batch is too large for the loop: a thread write
+                await driver.create_robots([_robot() for _ in range(12)])
+                written.append(n)
+
+        async def small_write() -> None:
+            await driver.create_robots([_robot()])
+            small_done_after.append(len(written))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stream_of_batches)
+                await wait_all_tasks_blocked()  # its first batch waits for the lock
+                tg.start_soon(small_write)
+                await wait_all_tasks_blocked()  # the small write waits for that batch
+                await anyio.to_thread.run_sync(other.execute, "COMMIT")
+        other.close()
+        assert small_done_after == [1]  # right after the batch it waited for
+        assert len(written) == 20
+    finally:
+        await driver.close()

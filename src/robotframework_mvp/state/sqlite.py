@@ -314,9 +314,16 @@ class SQLiteDriver:
                                fn: Callable[[sqlite3.Connection], T]) -> T:
         """``fn`` in a transaction in a worker thread, one such write at a time."""
         # Writes waiting to run on the loop go first, in the gap after the thread writes
-        # under way: a stream of claims and completion batches would starve them.
-        while self._inline_waiting and (done := self._threads_done) is not None:
-            await done.wait()
+        # under way: a stream of claims and completion batches would starve them. Once
+        # those writes end, the waiting ones are woken but have not run yet: this one
+        # lets them (a turn of the loop) instead of starting a thread write they would
+        # wait for again. A caller submitting thread writes back to back (HTTP
+        # submissions under load) held the worker's completions off for seconds.
+        while self._inline_waiting:
+            if (done := self._threads_done) is not None:
+                await done.wait()
+            else:
+                await anyio.lowlevel.checkpoint()
         self._inline_commits = 0  # this connection checkpoints on commit when due
         if self._threads_done is None:
             self._threads_done = anyio.Event()
