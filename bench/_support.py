@@ -227,6 +227,23 @@ def _remove_sqlite(path: str) -> None:
 # -- the exactly-once check --------------------------------------------------------------
 
 
+def count_unfinished(store: ScratchStore) -> int:
+    """Robots queued or running: one count on the status index, cheap enough to poll
+    while the server works (reading every row, as ``verify`` does, is not)."""
+    sql = "SELECT COUNT(*) FROM robots WHERE status IN ('queued', 'running')"
+    if store.sqlite_path is not None:
+        conn = sqlite3.connect(store.sqlite_path)
+        try:
+            return int(conn.execute(sql).fetchone()[0])
+        finally:
+            conn.close()
+    import psycopg
+
+    with psycopg.connect(store.storage_url) as pg:
+        row = pg.execute(sql).fetchone()
+    return int(row[0]) if row else 0
+
+
 def _rows(store: ScratchStore) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, int]]]:
     robots_sql = "SELECT id, status, attempts FROM robots"
     execs_sql = "SELECT robot_id, status, COUNT(*) FROM executions GROUP BY robot_id, status"

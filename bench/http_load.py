@@ -272,8 +272,7 @@ def wait_drained(store: bs.ScratchStore, timeout: float) -> tuple[int, int, floa
     started = time.monotonic()
     backlog = None
     while True:
-        robots, _ = bs._rows(store)
-        left = sum(1 for _, status, _ in robots if status in ("queued", "running"))
+        left = bs.count_unfinished(store)
         if backlog is None:
             backlog = left
         if left == 0 or time.monotonic() > started + timeout:
