@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import socket
@@ -207,7 +208,8 @@ class Worker:
         if running is None:
             return False
         running.cancelled = True
-        running.scope.cancel()
+        if not running.completing:  # its outcome is being written: the store decides
+            running.scope.cancel()
         if running.waiting:  # never started: nothing to stop, only to forget
             self._forget_waiting(robot_id)
         return True
@@ -480,30 +482,33 @@ class Worker:
                 except Exception as exc:  # a TimeoutError of the module's own: a failure
                     error = _error_info(exc)
                     permanent = isinstance(exc, PermanentError)
+                if not scope.cancel_called:
+                    # It ended with nothing cancelling it: its outcome is written in this
+                    # same shielded scope, deadline lifted, and nothing cancels the scope
+                    # while it is completing (see cancel_local and _drain). A second
+                    # scope for the write cost a tenth of a SQLite worker's CPU.
+                    scope.deadline = math.inf
+                    duration_ms = (time.perf_counter() - started) * 1000
+                    self._leave_slot(running, module)
+                    await self._write_outcome(running, module, robot, token, result, error,
+                                              duration_ms, timed_out=False,
+                                              permanent=permanent)
+                    return
             duration_ms = (time.perf_counter() - started) * 1000
             self._leave_slot(running, module)
-            circuits = self.circuits
             if running.lease_lost or running.cancelled:
                 # Cancelled by request or lease lost: the store already says what happened.
-                if circuits is not None:
-                    circuits.abandon(module.name, running.ticket)
+                if self.circuits is not None:
+                    self.circuits.abandon(module.name, running.ticket)
                 return
             if scope.cancelled_caught:  # cancelled, and by nobody: the deadline passed
                 timed_out, result = True, None
                 error = ErrorInfo("timeout", f"module {module.name!r} did not finish "
                                   f"within its timeout of {timeout:g} s")
-            ok = error is None and not timed_out
-            self.stats[module.name].record(ok, duration_ms)
-            running.completing = True
             with anyio.CancelScope(shield=True):
-                if circuits is not None:
-                    if permanent:  # the robot's input, not the module, is at fault
-                        circuits.abandon(module.name, running.ticket)
-                    else:
-                        await circuits.record(module.name, running.ticket, ok=ok,
-                                              seconds=duration_ms / 1000)
-                await self._complete(robot, token, module, result, error, timed_out,
-                                     duration_ms, retryable=not permanent)
+                await self._write_outcome(running, module, robot, token, result, error,
+                                          duration_ms, timed_out=timed_out,
+                                          permanent=permanent)
         finally:
             self._leave_slot(running, module)
             was_full = self._free_slots() <= 0
@@ -512,6 +517,26 @@ class Worker:
                 self._wake.set()  # room opened where there was none: claim again
             if not self.running:
                 self._idle.set()
+
+    async def _write_outcome(
+        self, running: _Running, module: Module, robot: Robot, token: str,
+        result: dict[str, object] | None, error: ErrorInfo | None, duration_ms: float, *,
+        timed_out: bool, permanent: bool,
+    ) -> None:
+        """Record the attempt (module stats, circuit) and write how it ended. The caller
+        shields it: cut off, the write's outcome would be unknown."""
+        ok = error is None and not timed_out
+        self.stats[module.name].record(ok, duration_ms)
+        running.completing = True
+        circuits = self.circuits
+        if circuits is not None:
+            if permanent:  # the robot's input, not the module, is at fault
+                circuits.abandon(module.name, running.ticket)
+            else:
+                await circuits.record(module.name, running.ticket, ok=ok,
+                                      seconds=duration_ms / 1000)
+        await self._complete(robot, token, module, result, error, timed_out, duration_ms,
+                             retryable=not permanent)
 
     def _leave_slot(self, running: _Running, module: Module) -> None:
         """The module returned (or the robot ended without it): free its slot, once."""
@@ -648,7 +673,8 @@ class Worker:
         leftovers = [(rid, r.claim.execution.id) for rid, r in self.running.items()]
         for running in self.running.values():
             running.lease_lost = True  # we give it up: nothing more may be written for it
-            running.scope.cancel()
+            if not running.completing:  # a write under way finishes (it is shielded)
+                running.scope.cancel()
         robots_tg.cancel_scope.cancel()
         if leftovers:
             try:

@@ -1242,6 +1242,114 @@ async def test_a_slot_frees_when_its_module_returns_while_the_completion_is_writ
     assert ran == [1, 2]
 
 
+class HeldAndCountedCompletions(HeldCompletions):
+    """HeldCompletions that also counts the completion writes that ran to their end, and
+    lets the held one go when the worker hands robots back at its stop."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.written = 0
+
+    async def complete_many(self, completions: Any) -> list[Robot | None]:
+        robots = await super().complete_many(completions)
+        self.written += 1
+        return robots
+
+    async def release_robots(self, leases: Any, now: Any) -> int:
+        released = await super().release_robots(leases, now)
+        self.release.set()
+        return released
+
+
+def _stamp_store(driver: SQLiteDriver) -> object:
+    class Store:
+        @hookimpl
+        def storage_driver(self, url: str, settings: Settings) -> SQLiteDriver:
+            return driver
+
+    return Store()
+
+
+@module("stamp-once")
+async def stamp_once(robot: Robot, ctx: ModuleContext) -> dict[str, Any]:
+    return {"stamped": True}
+
+
+async def test_cancelling_a_robot_whose_completion_is_being_written_lets_the_write_end(
+    sqlite_url: str,
+) -> None:
+    """The completion is already on its way to the store: the cancel decides there (the
+    robot is cancelled, the write finds it so), and the write is never cut off."""
+    driver = HeldAndCountedCompletions(sqlite_url)
+    async with Orchestrator(flow_settings(sqlite_url), modules=[stamp_once],
+                            plugins=[_stamp_store(driver)]) as orch:
+        robot = await orch.submit("stamp-once", {}, api_key=TEST_API_KEY)
+        with anyio.fail_after(10):
+            await driver.writing.wait()
+        cancelled = await orch.cancel(robot.id, api_key=TEST_API_KEY)
+        driver.release.set()
+        with anyio.fail_after(10):
+            while driver.written == 0:  # noqa: ASYNC110 - the driver's own counter
+                await anyio.sleep(0.01)
+        final = await orch.get(robot.id, api_key=TEST_API_KEY)
+    assert cancelled.status is CANCELLED
+    assert final.status is CANCELLED
+    assert driver.written == 1
+
+
+async def test_stopping_while_a_completion_is_written_lets_the_write_end(
+    sqlite_url: str,
+) -> None:
+    """A stop after the grace period hands running robots back; a completion already
+    being written still ends (it is shielded), after the hand-back, and finds the lease
+    gone: the robot is queued again, uncharged, and nothing was cut off mid-write."""
+    driver = HeldAndCountedCompletions(sqlite_url)
+    settings = flow_settings(sqlite_url, worker={"shutdown_grace_seconds": 0.05})
+    async with Orchestrator(settings, modules=[stamp_once],
+                            plugins=[_stamp_store(driver)]) as orch:
+        robot = await orch.submit("stamp-once", {}, api_key=TEST_API_KEY)
+        with anyio.fail_after(10):
+            await driver.writing.wait()
+    stored, executions = await _read_store(sqlite_url, robot.id)
+    assert driver.written == 1
+    assert stored is not None
+    assert (stored.status, stored.attempts) == (QUEUED, 0)
+    assert [e.status for e in executions] == [ExecutionStatus.RELEASED]
+
+
+async def test_stopping_while_a_finished_robot_s_hooks_run_lets_them_end(
+    sqlite_url: str,
+) -> None:
+    """A robot whose completion is written is finished: its on_robot_finished hooks run
+    to their end even when the worker stops meanwhile and gives its robots up."""
+    entered, gate = anyio.Event(), anyio.Event()
+    finished: list[str] = []
+
+    class SlowObserver:
+        @hookimpl
+        async def on_robot_finished(self, robot: Robot) -> None:
+            entered.set()
+            await gate.wait()
+            finished.append(robot.id)
+
+    class GateOnRelease(SQLiteDriver):
+        async def release_robots(self, leases: Any, now: Any) -> int:
+            gate.set()  # the worker is giving its robots up: the stop is under way
+            return await super().release_robots(leases, now)
+
+    driver = GateOnRelease(sqlite_url)
+    settings = flow_settings(sqlite_url, worker={"shutdown_grace_seconds": 0.05})
+    async with Orchestrator(settings, modules=[stamp_once],
+                            plugins=[_stamp_store(driver), SlowObserver()]) as orch:
+        robot = await orch.submit("stamp-once", {}, api_key=TEST_API_KEY)
+        with anyio.fail_after(10):
+            await entered.wait()
+    assert finished == [robot.id]
+    stored, _ = await _read_store(sqlite_url, robot.id)
+    assert stored is not None
+    assert stored.status is SUCCEEDED
+
+
 class HeldCreates(SQLiteDriver):
     """The real SQLite driver: notes the robots of each write that creates them (queued,
     or already claimed); the first such write waits until the test lets it go, and a
