@@ -9,6 +9,8 @@ the WAL must still be checkpointed.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -66,16 +68,29 @@ def _robot() -> Robot:
                  scheduled_at=utcnow() - timedelta(seconds=1))
 
 
-async def test_a_small_write_waits_off_the_loop_while_another_process_holds_the_lock(
-        tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'robots.db'}"
-    driver = SQLiteDriver(url)
+@asynccontextmanager
+async def _driver_while_another_connection_writes(
+        tmp_path: Path) -> AsyncIterator[tuple[SQLiteDriver, sqlite3.Connection]]:
+    """An open, migrated driver, and another connection (process) that holds the write
+    lock (``BEGIN IMMEDIATE``) until the test commits it."""
+    driver = SQLiteDriver(f"sqlite:///{tmp_path / 'robots.db'}")
     await driver.open()
     try:
         await driver.migrate()
         other = sqlite3.connect(tmp_path / "robots.db", isolation_level=None,
                                 check_same_thread=False)
-        other.execute("BEGIN IMMEDIATE")  # another process is writing
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            yield driver, other
+        finally:
+            other.close()
+    finally:
+        await driver.close()
+
+
+async def test_a_small_write_waits_off_the_loop_while_another_process_holds_the_lock(
+        tmp_path: Path) -> None:
+    async with _driver_while_another_connection_writes(tmp_path) as (driver, other):
         created: list[Robot] = []
 
         async def create() -> None:
@@ -88,10 +103,7 @@ async def test_a_small_write_waits_off_the_loop_while_another_process_holds_the_
                 await wait_all_tasks_blocked()  # the loop runs on while the write waits
                 assert created == []
                 await anyio.to_thread.run_sync(other.execute, "COMMIT")
-        other.close()
         assert await driver.get_robot(created[0].id) == created[0]
-    finally:
-        await driver.close()
 
 
 async def test_small_writes_on_the_loop_still_get_the_wal_checkpointed(
@@ -113,14 +125,7 @@ async def test_a_small_write_waiting_for_thread_writes_is_not_starved_by_more_of
         tmp_path: Path) -> None:
     """Thread writes submitted back to back (a stream of submissions) must let a small
     write that waits for them (a completion on the loop) go between two of them."""
-    url = f"sqlite:///{tmp_path / 'robots.db'}"
-    driver = SQLiteDriver(url)
-    await driver.open()
-    try:
-        await driver.migrate()
-        other = sqlite3.connect(tmp_path / "robots.db", isolation_level=None,
-                                check_same_thread=False)
-        other.execute("BEGIN IMMEDIATE")  # holds the first thread write until released
+    async with _driver_while_another_connection_writes(tmp_path) as (driver, other):
         written: list[int] = []
         small_done_after: list[int] = []
 
@@ -140,8 +145,5 @@ async def test_a_small_write_waiting_for_thread_writes_is_not_starved_by_more_of
                 tg.start_soon(small_write)
                 await wait_all_tasks_blocked()  # the small write waits for that batch
                 await anyio.to_thread.run_sync(other.execute, "COMMIT")
-        other.close()
         assert small_done_after == [1]  # right after the batch it waited for
         assert len(written) == 20
-    finally:
-        await driver.close()
