@@ -1,9 +1,12 @@
 """SQLite storage driver: the embedded, zero-setup default.
 
 One write connection serialises writes (SQLite has one writer anyway) and a second
-connection serves reads concurrently under WAL. sqlite3 blocks, so every call runs in a
-worker thread; write transactions start with ``BEGIN IMMEDIATE`` so several processes
-sharing one file still never claim the same robot.
+connection serves reads concurrently under WAL. sqlite3 blocks, so calls run in a worker
+thread, except small writes (a few robots, the worker's claims and completions), which
+run on the event loop on a third connection when the lock is free at once: the hop to a
+thread cost more than they do (see ``_write``). Writes waiting for that gap go before the
+next thread write. Write transactions start with ``BEGIN IMMEDIATE``, so several
+processes sharing one file still never claim the same robot.
 """
 
 from __future__ import annotations
