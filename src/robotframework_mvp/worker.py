@@ -462,7 +462,8 @@ class Worker:
                 log.warning("robot %s: lease lost while reporting progress; stopping it",
                             robot.id)
                 running.lease_lost = True
-                scope.cancel()
+                if not running.completing:  # a late report (a task the module left behind)
+                    scope.cancel()
                 await anyio.lowlevel.checkpoint()
             else:
                 await self.on_progress(updated)

@@ -8,6 +8,7 @@ asserts how long something took: tests wait on events, on ``orch.wait`` or under
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import itertools
@@ -1348,6 +1349,46 @@ async def test_stopping_while_a_finished_robot_s_hooks_run_lets_them_end(
     stored, _ = await _read_store(sqlite_url, robot.id)
     assert stored is not None
     assert stored.status is SUCCEEDED
+
+
+async def test_a_late_progress_report_does_not_cut_off_the_finished_robot_s_hooks(
+    sqlite_url: str,
+) -> None:
+    """A module may leave a task behind that reports progress after the robot ended. The
+    report finds the lease gone; it must not cancel the robot's scope, in which the
+    finished robot's hooks still run."""
+    hook_entered, reported = anyio.Event(), anyio.Event()
+    finished: list[str] = []
+    leftovers: list[asyncio.Task[None]] = []
+
+    @module("leaves-a-task")
+    async def leaves_a_task(robot: Robot, ctx: ModuleContext) -> dict[str, Any]:
+        async def late() -> None:
+            await hook_entered.wait()
+            await ctx.progress(90, "after the end")
+            reported.set()
+
+        leftovers.append(asyncio.get_running_loop().create_task(late()))
+        return {"ok": True}
+
+    class Observer:
+        @hookimpl
+        async def on_robot_finished(self, robot: Robot) -> None:
+            hook_entered.set()
+            await reported.wait()
+            finished.append(robot.id)
+
+    async with Orchestrator(flow_settings(sqlite_url), modules=[leaves_a_task],
+                            plugins=[Observer()]) as orch:
+        robot = await orch.submit("leaves-a-task", {}, api_key=TEST_API_KEY)
+        done = await orch.wait(robot.id, api_key=TEST_API_KEY, timeout=10)
+        with anyio.fail_after(10):
+            await reported.wait()
+            while not finished:  # noqa: ASYNC110 - the hook's own list
+                await anyio.sleep(0.01)
+    assert done.status is SUCCEEDED
+    assert finished == [robot.id]
+    await leftovers[0]
 
 
 class HeldCreates(SQLiteDriver):
