@@ -31,7 +31,8 @@ from ..models import (
 )
 
 __all__ = ["Claim", "Completion", "CreatesClaimed", "ProgressReport", "ScheduleFire",
-           "StorageDriver", "chain_audit_in_slices", "claim_of", "created_claim",
+           "StorageDriver", "chain_audit_in_slices", "check_claimable", "claim_of",
+           "created_claim",
            "ended_robot", "ended_robots", "followup_from_json", "followups_json", "set_based"]
 
 #: audit records chained between two turns of the event loop (see chain_audit_in_slices)
@@ -122,6 +123,14 @@ def followups_json(robot: Robot) -> dict[str, Any] | None:
            for name, f in (("on_success", robot.on_success), ("on_failure", robot.on_failure))
            if f is not None}
     return out or None
+
+
+def check_claimable(robots: Sequence[Robot]) -> None:
+    """Refuse what ``create_and_claim`` cannot take: a robot without a module, or with an
+    idempotency key (an existing robot would then be the answer, not a new claim)."""
+    if any(r.idempotency_key is not None or r.module is None for r in robots):
+        raise ValueError("create_and_claim takes a new robot with a module and no "
+                         "idempotency key")
 
 
 def claim_of(robot: Robot, module: str, worker: str, now: datetime) -> Claim:

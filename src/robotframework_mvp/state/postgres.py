@@ -66,6 +66,7 @@ from .driver import (
     ProgressReport,
     ScheduleFire,
     chain_audit_in_slices,
+    check_claimable,
     claim_of,
     created_claim,
     ended_robot,
@@ -350,15 +351,9 @@ async def _fetchone(conn: Connection, query: str, params: dict[str, Any] | None 
     return await cur.fetchone()
 
 
-def _check_claimable(robot: Robot) -> None:
-    if robot.idempotency_key is not None or robot.module is None:
-        raise ValueError("create_and_claim takes a new robot with a module and no "
-                         "idempotency key")
-
-
 def _claimed_robot_params(robot: Robot, worker: str, now: datetime,
                          lease_expires_at: datetime) -> dict[str, Any]:
-    _check_claimable(robot)
+    check_claimable([robot])
     followups = followups_json(robot)
     return {
         "id": robot.id, "kind": robot.kind, "payload": Jsonb(robot.payload),
@@ -373,8 +368,7 @@ def _claimed_robot_params(robot: Robot, worker: str, now: datetime,
 
 def _claimed_robot_rows(robots: Sequence[Robot]) -> Jsonb:
     """``insert_claimed_robots``' batch: one JSON array of rows, by orjson."""
-    for robot in robots:
-        _check_claimable(robot)
+    check_claimable(robots)
     return Jsonb([
         [r.id, r.kind, r.payload, r.owner, r.tenant, r.module, r.max_attempts, r.priority,
          r.created_at, r.scheduled_at, r.parent_id, r.parent_trigger, r.schedule_id,
@@ -760,10 +754,8 @@ class PostgresDriver:
         """``create_and_claim`` for each robot, in one statement and one round trip."""
         if len(robots) == 1:
             # The lone robot's own statement: atomic by itself, and it plans faster.
-            params = _claimed_robot_params(robots[0], worker, now, lease_expires_at)
-            row = await self._write(
-                lambda c: _fetchone(c, _Q["insert_claimed_robot"], params))
-            return [_created_claim(robots[0], row, worker, now, lease_expires_at)]
+            return [await self.create_and_claim(robots[0], worker=worker, now=now,
+                                                lease_expires_at=lease_expires_at)]
         batch = {"robots": _claimed_robot_rows(robots), "now": now,
                  "lease_expires_at": lease_expires_at, "worker": worker}
         rows = await self._write(lambda c: _fetchall(c, _Q["insert_claimed_robots"], batch))

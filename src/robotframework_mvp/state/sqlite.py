@@ -46,6 +46,7 @@ from .driver import (
     ProgressReport,
     ScheduleFire,
     chain_audit_in_slices,
+    check_claimable,
     claim_of,
     created_claim,
     ended_robots,
@@ -470,9 +471,7 @@ class SQLiteDriver:
         lease_expires_at: datetime,
     ) -> list[Claim | None]:
         """``create_and_claim`` for each robot, in one transaction."""
-        if any(r.idempotency_key is not None or r.module is None for r in robots):
-            raise ValueError("create_and_claim takes a new robot with a module and no "
-                             "idempotency key")
+        check_claimable(robots)
         lease_ts, now_ts = lease_expires_at.timestamp(), now.timestamp()
 
         def run(conn: sqlite3.Connection) -> list[Claim | None]:
