@@ -23,6 +23,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from .errors import ServiceUnavailableError
 from .models import utcnow
+from .performance import OperationMetrics
 from .resilience import CircuitState
 
 if TYPE_CHECKING:
@@ -65,12 +66,7 @@ class _Collector:
         for name, stats in orch.tracker.snapshot().items():
             metrics = orch.tracker.metrics(name)
             assert metrics is not None
-            buckets, count, total_ms = metrics.histogram()
-            hist.add_metric(
-                [name],
-                [(f"{bound / 1000:g}", float(n)) for bound, n in buckets] + [("+Inf", count)],
-                total_ms / 1000,
-            )
+            hist.add_metric([name], *_seconds_histogram(metrics))
             errors.add_metric([name], stats.errors)
             for q, value in (("0.5", stats.p50_ms), ("0.95", stats.p95_ms),
                              ("0.99", stats.p99_ms)):
@@ -189,14 +185,19 @@ class _Collector:
             yield usage
 
 
+def _seconds_histogram(metrics: OperationMetrics) -> tuple[list[tuple[str, float]], float]:
+    """An ``OperationMetrics`` histogram (ms) as Prometheus buckets and sum in seconds."""
+    buckets, count, total_ms = metrics.histogram()
+    return ([(f"{bound / 1000:g}", float(n)) for bound, n in buckets] + [("+Inf", count)],
+            total_ms / 1000)
+
+
 def _loop_lag(orch: Orchestrator) -> Iterator[Metric]:
     lag = orch.loop_lag.metrics
-    buckets, count, total_ms = lag.histogram()
     hist = HistogramMetricFamily(
         "rfmvp_event_loop_lag_seconds",
         "How late the event loop ran a due timer (sampled every RFMVP_LOOP_LAG_INTERVAL)")
-    hist.add_metric([], [(f"{bound / 1000:g}", float(n)) for bound, n in buckets]
-                    + [("+Inf", count)], total_ms / 1000)
+    hist.add_metric([], *_seconds_histogram(lag))
     yield hist
     stats = lag.stats()
     recent = GaugeMetricFamily("rfmvp_event_loop_lag_recent_seconds",
