@@ -1318,34 +1318,40 @@ async def test_stopping_while_a_completion_is_written_lets_the_write_end(
     assert [e.status for e in executions] == [ExecutionStatus.RELEASED]
 
 
+class HeldFinishHook:
+    """An on_robot_finished hook that says it began, then waits for ``gate`` to end."""
+
+    def __init__(self) -> None:
+        self.entered, self.gate = anyio.Event(), anyio.Event()
+        self.finished: list[str] = []
+
+    @hookimpl
+    async def on_robot_finished(self, robot: Robot) -> None:
+        self.entered.set()
+        await self.gate.wait()
+        self.finished.append(robot.id)
+
+
 async def test_stopping_while_a_finished_robot_s_hooks_run_lets_them_end(
     sqlite_url: str,
 ) -> None:
     """A robot whose completion is written is finished: its on_robot_finished hooks run
     to their end even when the worker stops meanwhile and gives its robots up."""
-    entered, gate = anyio.Event(), anyio.Event()
-    finished: list[str] = []
-
-    class SlowObserver:
-        @hookimpl
-        async def on_robot_finished(self, robot: Robot) -> None:
-            entered.set()
-            await gate.wait()
-            finished.append(robot.id)
+    hook = HeldFinishHook()
 
     class GateOnRelease(SQLiteDriver):
         async def release_robots(self, leases: Any, now: Any) -> int:
-            gate.set()  # the worker is giving its robots up: the stop is under way
+            hook.gate.set()  # the worker is giving its robots up: the stop is under way
             return await super().release_robots(leases, now)
 
     driver = GateOnRelease(sqlite_url)
     settings = flow_settings(sqlite_url, worker={"shutdown_grace_seconds": 0.05})
     async with Orchestrator(settings, modules=[stamp_once],
-                            plugins=[_stamp_store(driver), SlowObserver()]) as orch:
+                            plugins=[_stamp_store(driver), hook]) as orch:
         robot = await orch.submit("stamp-once", {}, api_key=TEST_API_KEY)
         with anyio.fail_after(10):
-            await entered.wait()
-    assert finished == [robot.id]
+            await hook.entered.wait()
+    assert hook.finished == [robot.id]
     stored, _ = await _read_store(sqlite_url, robot.id)
     assert stored is not None
     assert stored.status is SUCCEEDED
@@ -1357,37 +1363,29 @@ async def test_a_late_progress_report_does_not_cut_off_the_finished_robot_s_hook
     """A module may leave a task behind that reports progress after the robot ended. The
     report finds the lease gone; it must not cancel the robot's scope, in which the
     finished robot's hooks still run."""
-    hook_entered, reported = anyio.Event(), anyio.Event()
-    finished: list[str] = []
+    hook = HeldFinishHook()  # its gate: the late report has been made
     leftovers: list[asyncio.Task[None]] = []
 
     @module("leaves-a-task")
     async def leaves_a_task(robot: Robot, ctx: ModuleContext) -> dict[str, Any]:
         async def late() -> None:
-            await hook_entered.wait()
+            await hook.entered.wait()
             await ctx.progress(90, "after the end")
-            reported.set()
+            hook.gate.set()
 
         leftovers.append(asyncio.get_running_loop().create_task(late()))
         return {"ok": True}
 
-    class Observer:
-        @hookimpl
-        async def on_robot_finished(self, robot: Robot) -> None:
-            hook_entered.set()
-            await reported.wait()
-            finished.append(robot.id)
-
     async with Orchestrator(flow_settings(sqlite_url), modules=[leaves_a_task],
-                            plugins=[Observer()]) as orch:
+                            plugins=[hook]) as orch:
         robot = await orch.submit("leaves-a-task", {}, api_key=TEST_API_KEY)
         done = await orch.wait(robot.id, api_key=TEST_API_KEY, timeout=10)
         with anyio.fail_after(10):
-            await reported.wait()
-            while not finished:  # noqa: ASYNC110 - the hook's own list
+            await hook.gate.wait()
+            while not hook.finished:  # noqa: ASYNC110 - the hook's own list
                 await anyio.sleep(0.01)
     assert done.status is SUCCEEDED
-    assert finished == [robot.id]
+    assert hook.finished == [robot.id]
     await leftovers[0]
 
 
