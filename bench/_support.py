@@ -227,38 +227,34 @@ def _remove_sqlite(path: str) -> None:
 # -- the exactly-once check --------------------------------------------------------------
 
 
+def _fetch_all(store: ScratchStore, *queries: str) -> list[list[tuple[Any, ...]]]:
+    """Each query's rows, read on one fresh connection to the scratch store."""
+    if store.sqlite_path is not None:
+        conn = sqlite3.connect(store.sqlite_path)
+        try:
+            return [conn.execute(q).fetchall() for q in queries]
+        finally:
+            conn.close()
+    import psycopg
+
+    with psycopg.connect(store.storage_url) as pg:
+        return [[tuple(r) for r in pg.execute(q).fetchall()]
+                for q in queries]
+
+
 def count_unfinished(store: ScratchStore) -> int:
     """Robots queued or running: one count on the status index, cheap enough to poll
     while the server works (reading every row, as ``verify`` does, is not)."""
-    sql = "SELECT COUNT(*) FROM robots WHERE status IN ('queued', 'running')"
-    if store.sqlite_path is not None:
-        conn = sqlite3.connect(store.sqlite_path)
-        try:
-            return int(conn.execute(sql).fetchone()[0])
-        finally:
-            conn.close()
-    import psycopg
-
-    with psycopg.connect(store.storage_url) as pg:
-        row = pg.execute(sql).fetchone()
-    return int(row[0]) if row else 0
+    [[(count,)]] = _fetch_all(
+        store, "SELECT COUNT(*) FROM robots WHERE status IN ('queued', 'running')")
+    return int(count)
 
 
 def _rows(store: ScratchStore) -> tuple[list[tuple[str, str, int]], list[tuple[str, str, int]]]:
-    robots_sql = "SELECT id, status, attempts FROM robots"
-    execs_sql = "SELECT robot_id, status, COUNT(*) FROM executions GROUP BY robot_id, status"
-    if store.sqlite_path is not None:
-        conn = sqlite3.connect(store.sqlite_path)
-        try:
-            return conn.execute(robots_sql).fetchall(), conn.execute(execs_sql).fetchall()
-        finally:
-            conn.close()
-    import psycopg
-
-    with psycopg.connect(store.storage_url) as pg:
-        robots = [tuple(r) for r in pg.execute(robots_sql).fetchall()]
-        execs = [tuple(r) for r in pg.execute(execs_sql).fetchall()]
-    return robots, execs  # type: ignore[return-value]
+    robots, execs = _fetch_all(
+        store, "SELECT id, status, attempts FROM robots",
+        "SELECT robot_id, status, COUNT(*) FROM executions GROUP BY robot_id, status")
+    return robots, execs
 
 
 def verify(store: ScratchStore, expected_ids: Iterable[str] | None = None,
