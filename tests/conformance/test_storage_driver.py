@@ -29,6 +29,7 @@ from robotframework_mvp.models import (
     ModuleRecord,
     Robot,
     RobotStatus,
+    json_bytes,
     new_id,
     utcnow,
 )
@@ -651,6 +652,34 @@ async def test_a_completion_after_progress_returns_exactly_what_is_stored(
     assert done == await stored(driver, robot.id)
     assert (done.status, done.progress_message) == (status, "half")
     assert done.progress == (100 if status is RobotStatus.SUCCEEDED else 40.0)
+
+
+async def test_what_a_write_returns_shows_as_json_exactly_as_the_stored_robot(
+    driver: StorageDriver,
+) -> None:
+    # A whole-number progress is still a float: the HTTP answer to a submission (the
+    # robot a write returned) and a later GET (the robot read back) must show the same
+    # JSON, ``100.0`` in both and never ``100`` in one of them.
+    def shown(robot: Robot | None) -> bytes:
+        assert robot is not None
+        return json_bytes(robot.to_dict())
+
+    robot = make_robot(max_attempts=1)
+    await create(driver, robot)
+    c = await claim_one(driver, robot)
+    progressed = await driver.update_progress(robot.id, c.execution.id, 40, "half", utcnow())
+    assert shown(progressed) == shown(await stored(driver, robot.id))
+    assert isinstance(progressed.progress, float)
+    done = await driver.complete(completion(c, RobotStatus.SUCCEEDED, result={"n": 1}))
+    assert shown(done) == shown(await stored(driver, robot.id))
+    assert isinstance(done.progress, float)
+
+    failing = make_robot(max_attempts=1)
+    await create(driver, failing)
+    failed = await claim_one(driver, failing)
+    await driver.complete(completion(failed, RobotStatus.FAILED, error=ErrorInfo("x", "y")))
+    requeued = await driver.requeue_robot(failing.id, utcnow(), 1)
+    assert shown(requeued) == shown(await stored(driver, failing.id))
 
 
 async def test_complete_back_to_queued_schedules_the_retry_and_clears_the_lease(

@@ -131,7 +131,7 @@ def robot_from_row(row: Sequence[Any]) -> Robot:
         tenant=tenant,
         status=RobotStatus(status),
         module=module,
-        progress=progress,
+        progress=float(progress),  # RETURNING gives 100, not 100.0, for `SET progress = 100`
         progress_message=progress_message,
         attempts=attempts,
         max_attempts=max_attempts,
@@ -1017,7 +1017,7 @@ def _complete_batch(conn: sqlite3.Connection, completions: Sequence[Completion]
              None if c.result is None else json.dumps(c.result), _error_json(c.error),
              c.finished_at.timestamp(), _ts(c.scheduled_at), c.module]
             for c in completions])}).fetchall()
-    ended = {row[0]: (row[1], row[2], None if row[3] is None else json.loads(row[3]))
+    ended = {row[0]: (float(row[1]), row[2], None if row[3] is None else json.loads(row[3]))
              for row in rows}
     done = [c for c in completions if c.robot_id in ended]
     if not done:
