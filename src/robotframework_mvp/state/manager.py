@@ -19,7 +19,7 @@ from ..errors import ServiceUnavailableError
 from ..models import Execution, ModuleRecord, Robot, RobotStatus, utcnow
 from ..performance import PerformanceTracker
 from .driver import Claim, Completion, CreatesClaimed, ProgressReport, StorageDriver
-from .group_commit import GroupCommitter
+from ..group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
 
