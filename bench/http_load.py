@@ -191,7 +191,7 @@ def start_server(args: argparse.Namespace, store: bs.ScratchStore, port: int,
     env.update(store.env())
     env.update({
         "RFMVP_API_KEYS": f"{bs.PRINCIPAL}:{bs.API_KEY}",
-        "RFMVP_RATE_LIMIT": "none",
+        "RFMVP_RATE_LIMIT": args.rate_limit,
         "RFMVP_HOST": "127.0.0.1",
         "RFMVP_PORT": str(port),
         "RFMVP_WORKER_ENABLED": "true" if args.worker else "false",
@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="seconds of measured load")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of unmeasured load first")
     p.add_argument("--max-requests", type=int, default=200_000)
+    p.add_argument("--rate-limit", default="none",
+                   help="the server's RFMVP_RATE_LIMIT (default none); e.g. 1000000/second "
+                        "to measure what the limiter costs while it admits everything")
     p.add_argument("--tool", choices=["httpx", "raw", "wrk"], default="raw",
                    help="raw (default): minimal asyncio HTTP/1.1 client; httpx: saturates a "
                         "core at a few hundred req/s here, so it measures itself; wrk")
@@ -389,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             bs.log(False, log_path.read_text()[-3000:])
         out = {
             "system": "robotframework-mvp", "bench": "http", "tool": args.tool,
-            "storage": store.storage, "cache": store.cache, "connections": args.connections,
+            "storage": store.storage, "cache": store.cache, "connections": args.connections, "rate_limit": args.rate_limit,
             "duration_s": args.duration, "worker": args.worker, **result,
             "robots_stored": len(robots), "verified": not problems, "problems": problems,
             "src_digest": bs.src_digest(),
