@@ -392,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             bs.log(False, log_path.read_text()[-3000:])
         out = {
             "system": "robotframework-mvp", "bench": "http", "tool": args.tool,
-            "storage": store.storage, "cache": store.cache, "connections": args.connections, "rate_limit": args.rate_limit,
+            "storage": store.storage, "cache": store.cache, "connections": args.connections,
+            "rate_limit": args.rate_limit,
             "duration_s": args.duration, "worker": args.worker, **result,
             "robots_stored": len(robots), "verified": not problems, "problems": problems,
             "src_digest": bs.src_digest(),

@@ -9,9 +9,9 @@ import anyio
 import anyio.lowlevel
 import pytest
 
+from robotframework_mvp.group_commit import GroupCommitter
 from robotframework_mvp.models import Robot, RobotStatus
 from robotframework_mvp.state.driver import Completion
-from robotframework_mvp.group_commit import GroupCommitter
 
 pytestmark = pytest.mark.anyio
 

@@ -16,10 +16,10 @@ from typing import TypeVar
 
 from ..cache.manager import CacheManager
 from ..errors import ServiceUnavailableError
+from ..group_commit import GroupCommitter
 from ..models import Execution, ModuleRecord, Robot, RobotStatus, utcnow
 from ..performance import PerformanceTracker
 from .driver import Claim, Completion, CreatesClaimed, ProgressReport, StorageDriver
-from ..group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
 
