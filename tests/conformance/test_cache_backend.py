@@ -8,14 +8,20 @@ Redis Lua script is checked against it call for call.
 from __future__ import annotations
 
 import math
+import uuid
 from collections.abc import AsyncIterator, Callable
 
 import anyio
 import pytest
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from robotframework_mvp.cache.backend import CacheBackend, RateDecision, gcra
+from robotframework_mvp.cache.backend import (
+    CacheBackend,
+    RateDecision,
+    gcra,
+    rate_limit_many,
+)
 from robotframework_mvp.config import Settings
 from robotframework_mvp.plugins import BuiltinPlugin
 
@@ -315,7 +321,7 @@ async def test_the_redis_script_takes_the_same_decisions_as_gcra(
         script = backend._gcra
         assert script is not None
         for cost in costs:
-            reply = await script(keys=[k], args=[count, repr(period), cost])
+            [reply] = await script(keys=[k], args=[count, repr(period), cost])
             now = float(reply[4])
             expected, new_tat = gcra(tat, now, count, period, cost)
             got = RateDecision(
@@ -339,3 +345,70 @@ async def test_the_redis_script_takes_the_same_decisions_as_gcra(
         assert math.isclose(decision.reset_after, 5.0, abs_tol=0.05)
     finally:
         await backend.close()
+
+
+Check = tuple[int, int, float]  # (key number, count, period)
+
+
+# The fixtures give a URL and a prefix: each example makes its own keys under it.
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 2), st.sampled_from([1, 2, 3, 5]),
+                          st.sampled_from([1.0, 10.0, 60.0])), min_size=1, max_size=30),
+       st.lists(st.tuples(st.integers(0, 2), st.sampled_from([1, 2, 3, 5]),
+                          st.sampled_from([1.0, 10.0, 60.0])), max_size=10))
+def test_the_redis_script_decides_a_batch_as_gcra_would_one_check_after_another(
+    redis_url: str, redis_prefix: str, before: list[Check], batch: list[Check],
+) -> None:
+    # Checks of one batch (keys named again, limits mixed) get the decisions that gcra()
+    # gives the same checks in order at the script's instant, after what came before.
+    from robotframework_mvp.cache.redis import RedisBackend
+
+    async def run() -> None:
+        backend = RedisBackend(redis_url)
+        await backend.open()
+        prefix = f"{redis_prefix}{uuid.uuid4().hex}:"
+        script = backend._gcra
+        assert script is not None
+        tats: dict[str, float] = {}
+        try:
+            for checks in (before, batch):
+                if not checks:
+                    continue
+                keys = [f"{prefix}{n}" for n, _, _ in checks]
+                args: list[object] = []
+                for _, count, period in checks:
+                    args += [count, repr(period), 1]
+                replies = await script(keys=keys, args=args)
+                now = float(replies[0][4])
+                for key_, (_, count, period), reply in zip(keys, checks, replies,
+                                                           strict=True):
+                    assert float(reply[4]) == now  # one instant for the whole batch
+                    expected, new_tat = gcra(tats.get(key_), now, count, period)
+                    assert (bool(int(reply[0])), int(reply[1])) == (
+                        expected.allowed, expected.remaining)
+                    assert math.isclose(float(reply[2]), expected.retry_after, abs_tol=1e-6)
+                    assert math.isclose(float(reply[3]), expected.reset_after, abs_tol=1e-6)
+                    if new_tat is not None:
+                        tats[key_] = new_tat
+            # The public method gives the same decisions as the script.
+            decisions = await backend.rate_limit_many(
+                [(f"{prefix}public", 2, 60.0)] * 3)
+            assert [(d.allowed, d.remaining) for d in decisions] == [
+                (True, 1), (True, 0), (False, 0)]
+        finally:
+            await backend.close()
+
+    anyio.run(run)
+
+
+async def test_rate_limit_many_decides_as_rate_limit_one_after_another(
+    backend: CacheBackend, key: Keys
+) -> None:
+    # Every backend, with or without a rate_limit_many of its own.
+    decisions = await rate_limit_many(
+        backend, [(key("a"), 2, 60.0), (key("b"), 1, 60.0), (key("a"), 2, 60.0),
+                  (key("a"), 2, 60.0), (key("b"), 1, 60.0)])
+    assert [(d.allowed, d.remaining) for d in decisions] == [
+        (True, 1), (True, 0), (True, 0), (False, 0), (False, 0)]
+    assert (await backend.rate_limit(key("a"), 2, 60.0)).allowed is False

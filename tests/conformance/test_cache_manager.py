@@ -26,6 +26,7 @@ from anyio.from_thread import start_blocking_portal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from robotframework_mvp.cache.backend import RateDecision
 from robotframework_mvp.cache.manager import CacheManager
 from robotframework_mvp.cache.redis import RedisBackend
 from robotframework_mvp.config import CacheConfig, Settings
@@ -60,6 +61,16 @@ class CountingRedisBackend(RedisBackend):
     async def delete(self, *keys: str) -> None:
         self.calls += 1
         await super().delete(*keys)
+
+    async def rate_limit(self, key: str, count: int, period: float, cost: int = 1
+                         ) -> RateDecision:
+        self.calls += 1
+        return await super().rate_limit(key, count, period, cost)
+
+    async def rate_limit_many(self, checks: Sequence[tuple[str, int, float]]
+                              ) -> list[RateDecision]:
+        self.calls += 1
+        return await super().rate_limit_many(checks)
 
 
 def closed_port() -> int:
@@ -168,6 +179,35 @@ async def test_rate_limits_through_the_manager_are_shared_decisions(
 ) -> None:
     decisions = [await manager.rate_limit("alice", 3, 60) for _ in range(4)]
     assert [d.allowed if d else None for d in decisions] == [True, True, True, False]
+
+
+async def test_concurrent_rate_limit_checks_share_round_trips_and_admit_exactly_the_limit(
+    redis_url: str, redis_prefix: str,
+) -> None:
+    # 40 requests of one principal at once against 5 a minute: those arriving while a
+    # check is on its way go to Redis together, and still exactly 5 get in, each told
+    # how many remain as if the checks had been made one after another.
+    backend = CountingRedisBackend(redis_url)
+    await backend.open()
+    try:
+        manager = CacheManager(backend, CacheConfig(key_prefix=redis_prefix))
+        decisions: list[RateDecision | None] = []
+
+        async def check() -> None:
+            decisions.append(await manager.rate_limit("alice", 5, 60))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(40):
+                tg.start_soon(check)
+        assert all(d is not None for d in decisions)
+        admitted = [d for d in decisions if d is not None and d.allowed]
+        refused = [d for d in decisions if d is not None and not d.allowed]
+        assert sorted(d.remaining for d in admitted) == [0, 1, 2, 3, 4]
+        assert len(refused) == 35
+        assert all(d.remaining == 0 and d.retry_after > 0 for d in refused)
+        assert backend.calls <= 2  # one round trip for the first, one for the rest
+    finally:
+        await backend.close()
 
 
 # --- over a Redis nobody answers ---------------------------------------------------------

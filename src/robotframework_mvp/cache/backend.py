@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-__all__ = ["CacheBackend", "RateDecision", "gcra"]
+__all__ = ["CacheBackend", "RateCheck", "RateDecision", "gcra", "rate_limit_many"]
 
 
 @attrs.frozen
@@ -73,3 +73,18 @@ class CacheBackend(Protocol):
 
     async def rate_limit(self, key: str, count: int, period: float, cost: int = 1) -> RateDecision:
         """Check and count one request against ``count`` per ``period`` atomically."""
+
+
+#: one rate-limit check: (key, count, period) for one request
+RateCheck = tuple[str, int, float]
+
+
+async def rate_limit_many(backend: CacheBackend, checks: Sequence[RateCheck]
+                          ) -> list[RateDecision]:
+    """Check and count one request per item of ``checks``, in order, as ``rate_limit``
+    would one after another: in one round trip when the backend has ``rate_limit_many``
+    (an optional method; Redis has it), else with one call each."""
+    many = getattr(backend, "rate_limit_many", None)
+    if many is not None:
+        return list(await many(checks))
+    return [await backend.rate_limit(key, count, period) for key, count, period in checks]

@@ -19,9 +19,10 @@ import orjson
 from cattrs.preconf.orjson import make_converter
 
 from ..config import CacheConfig
+from ..group_commit import GroupCommitter
 from ..models import JSONObject, Robot
 from ..resilience import BreakerPolicy, CircuitBreaker
-from .backend import CacheBackend, RateDecision
+from .backend import CacheBackend, RateCheck, RateDecision, rate_limit_many
 from .memory import MemoryBackend
 
 __all__ = ["CacheManager"]
@@ -59,6 +60,7 @@ class CacheManager:
         # meanwhile (running, then succeeded) is serialized and sent once, in its newest state.
         self._pending: dict[str, Robot] = {}
         self._pending_wake: anyio.Event | None = None
+        self._rate_checks = GroupCommitter(self._check_rates)
         self.breaker = CircuitBreaker(
             f"cache:{backend.name}",
             BreakerPolicy(failure_rate_threshold=0.5, window_size=20, minimum_calls=5,
@@ -225,16 +227,29 @@ class CacheManager:
     # -- rate limits -------------------------------------------------------------------
 
     async def rate_limit(self, key: str, count: int, period: float) -> RateDecision | None:
-        """The shared decision, or None when the backend cannot answer (caller decides)."""
+        """The shared decision, or None when the backend cannot answer (caller decides).
+
+        On a shared backend, checks that arrive while one is on its way share the next
+        round trip: one script call decides them all, in arrival order, as if each had
+        been made alone (``rate_limit_many``). One call per request had cost a quarter
+        of an API process's throughput on Redis.
+        """
         if not self.breaker.allow():
             return None
+        check = (f"{self.prefix}rl:{key}", count, period)
         try:
-            decision = await self.backend.rate_limit(f"{self.prefix}rl:{key}", count, period)
+            if self._in_process is not None:
+                decision = await self.backend.rate_limit(*check)
+            else:
+                decision = await self._rate_checks.write(check)
         except Exception as exc:
             self._failed("ratelimit", exc)
             return None
         self.breaker.record_success()
         return decision
+
+    async def _check_rates(self, checks: Sequence[RateCheck]) -> list[RateDecision]:
+        return await rate_limit_many(self.backend, checks)
 
     def purge_expired(self) -> int:
         """Drop expired entries of an in-process backend (Redis expires its own)."""

@@ -23,7 +23,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.commands.core import AsyncScript
 
-from .backend import RateDecision
+from .backend import RateCheck, RateDecision
 
 __all__ = ["RedisBackend"]
 
@@ -49,11 +49,6 @@ def _pool_options() -> dict[str, Any]:
 #: that never closed the socket, instead of waiting out ``socket_timeout`` on a command)
 _HEALTH_CHECK_INTERVAL = 30
 
-# ``gcra()`` from backend.py, statement for statement. KEYS[1] holds the theoretical
-# arrival time (TAT) as a float string; ARGV: count, period (seconds), cost.
-# Lua numbers become integers in a Redis reply, so times travel as '%.17g' strings,
-# which round-trip a double exactly. The fifth element is the server time the decision
-# was taken at (for diagnostics and conformance tests).
 #: set each KEYS[i] to ARGV[i + 1], expiring in ARGV[1] ms: one command for a batch, which
 #: costs the client far less than a pipeline of SETs (one reply to parse, not one per key)
 _SET_MANY_LUA = """
@@ -63,29 +58,41 @@ end
 return #KEYS
 """
 
+# ``gcra()`` from backend.py, statement for statement, for each check in turn: KEYS[i]
+# holds a theoretical arrival time (TAT) as a float string; ARGV[3i-2..3i] are that
+# check's count, period (seconds) and cost. A key named twice sees the first check's
+# write, so a batch decides exactly as the same checks one after another would, at one
+# instant. Lua numbers become integers in a Redis reply, so times travel as '%.17g'
+# strings, which round-trip a double exactly. Each reply's fifth element is the server
+# time the decision was taken at (for diagnostics and conformance tests).
 _GCRA_LUA = """
-local count = tonumber(ARGV[1])
-local period = tonumber(ARGV[2])
-local cost = tonumber(ARGV[3])
 if redis.replicate_commands then pcall(redis.replicate_commands) end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local function fmt(x) return string.format('%.17g', x) end
-local interval = period / count
-local stored = redis.call('GET', KEYS[1])
-local tat = nil
-if stored then tat = tonumber(stored) end
-if tat == nil or tat < now then tat = now end
-local new_tat = tat + interval * cost
-local allow_at = new_tat - period
-if allow_at - now > 1e-9 then
-  return {0, 0, fmt(allow_at - now), fmt(tat - now), fmt(now)}
+local out = {}
+for i, key in ipairs(KEYS) do
+  local count = tonumber(ARGV[3 * i - 2])
+  local period = tonumber(ARGV[3 * i - 1])
+  local cost = tonumber(ARGV[3 * i])
+  local interval = period / count
+  local stored = redis.call('GET', key)
+  local tat = nil
+  if stored then tat = tonumber(stored) end
+  if tat == nil or tat < now then tat = now end
+  local new_tat = tat + interval * cost
+  local allow_at = new_tat - period
+  if allow_at - now > 1e-9 then
+    out[i] = {0, 0, fmt(allow_at - now), fmt(tat - now), fmt(now)}
+  else
+    local remaining = math.floor((period - (new_tat - now)) / interval + 1e-9)
+    if remaining < 0 then remaining = 0 end
+    local ttl_ms = math.max(1, math.ceil((new_tat - now) * 1000))
+    redis.call('SET', key, fmt(new_tat), 'PX', ttl_ms)
+    out[i] = {1, remaining, '0', fmt(new_tat - now), fmt(now)}
+  end
 end
-local remaining = math.floor((period - (new_tat - now)) / interval + 1e-9)
-if remaining < 0 then remaining = 0 end
-local ttl_ms = math.max(1, math.ceil((new_tat - now) * 1000))
-redis.call('SET', KEYS[1], fmt(new_tat), 'PX', ttl_ms)
-return {1, remaining, '0', fmt(new_tat - now), fmt(now)}
+return out
 """
 
 
@@ -196,18 +203,27 @@ class RedisBackend:
             await self.client.delete(*keys)
 
     async def rate_limit(self, key: str, count: int, period: float, cost: int = 1) -> RateDecision:
-        if count < 1 or not period > 0:
-            raise ValueError(f"a rate limit needs count >= 1 and period > 0, got {count}/{period}")
+        return (await self._gcra_checks([(key, count, period, cost)]))[0]
+
+    async def rate_limit_many(self, checks: Sequence[RateCheck]) -> list[RateDecision]:
+        """``rate_limit`` for each check in turn, atomically, in one script call."""
+        return await self._gcra_checks([(key, count, period, 1) for key, count, period in checks])
+
+    async def _gcra_checks(self, checks: Sequence[tuple[str, int, float, int]]
+                           ) -> list[RateDecision]:
+        args: list[int | str] = []
+        for _, count, period, cost in checks:
+            if count < 1 or not period > 0:
+                raise ValueError(
+                    f"a rate limit needs count >= 1 and period > 0, got {count}/{period}")
+            # repr() of a float round-trips exactly, so Lua sees the very same period.
+            args += [int(count), repr(float(period)), int(cost)]
         script = self._gcra
         if script is None:
             raise RuntimeError("RedisBackend is not open; call open() first")
-        # repr() of a float round-trips exactly, so Lua sees the very same period.
-        reply: Any = await script(keys=[key], args=[int(count), repr(float(period)), int(cost)])
-        allowed, remaining, retry_after, reset_after = reply[:4]
-        return RateDecision(
-            allowed=bool(int(allowed)),
-            limit=count,
-            remaining=int(remaining),
-            retry_after=float(retry_after),
-            reset_after=float(reset_after),
-        )
+        replies: Any = await script(keys=[key for key, _, _, _ in checks], args=args)
+        return [
+            RateDecision(allowed=bool(int(reply[0])), limit=count, remaining=int(reply[1]),
+                         retry_after=float(reply[2]), reset_after=float(reply[3]))
+            for reply, (_, count, _, _) in zip(replies, checks, strict=True)
+        ]
