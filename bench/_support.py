@@ -24,6 +24,7 @@ import attrs
 from robotframework_mvp import (
     CacheConfig,
     ModuleContext,
+    RateLimit,
     Robot,
     SecurityConfig,
     Settings,
@@ -105,12 +106,14 @@ def noop_module(capacity: int, *, progress: bool = False) -> Any:
 
 
 def bench_settings(store: ScratchStore, *, worker: bool, concurrency: int,
-                   **changes: Any) -> Settings:
-    """Defaults everywhere except: one static key, no rate limit, the scratch store."""
+                   rate_limit: str = "none", **changes: Any) -> Settings:
+    """Defaults everywhere except: one static key, the scratch store, and ``rate_limit``
+    (``RFMVP_RATE_LIMIT``'s form; none by default, so the limiter is not consulted)."""
     settings = Settings(
         storage=StorageConfig(url=store.storage_url),
         cache=CacheConfig(url=store.cache_url, key_prefix=store.cache_prefix),
-        security=SecurityConfig(api_keys=(StaticKey(PRINCIPAL, API_KEY),), rate_limit=None),
+        security=SecurityConfig(api_keys=(StaticKey(PRINCIPAL, API_KEY),),
+                                rate_limit=RateLimit.parse(rate_limit)),
         worker=WorkerConfig(enabled=worker, concurrency=concurrency),
     )
     return settings.with_changes(**changes) if changes else settings

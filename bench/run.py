@@ -102,7 +102,8 @@ async def bench(args: argparse.Namespace, store: bs.ScratchStore) -> dict[str, A
     ids: list[str] = []
 
     # (a) bulk submission on an API-only orchestrator
-    api_settings = bs.bench_settings(store, worker=False, concurrency=args.concurrency)
+    api_settings = bs.bench_settings(store, worker=False, concurrency=args.concurrency,
+                                     rate_limit=args.rate_limit)
     request = SubmitRequest(kind="noop", payload=bs.PAYLOAD)
     closed_at = 0.0
     counter_a = bs.CallCounter() if args.count_calls else None
@@ -129,7 +130,8 @@ async def bench(args: argparse.Namespace, store: bs.ScratchStore) -> dict[str, A
     # (b) drain with one orchestrator, worker concurrency C; (c) sequential latency on it
     watch = Watch(args.n)
     load_before = bs.loadavg()
-    worker_settings = bs.bench_settings(store, worker=True, concurrency=args.concurrency)
+    worker_settings = bs.bench_settings(store, worker=True, concurrency=args.concurrency,
+                                        rate_limit=args.rate_limit)
     entered = bs.now()
     lat: list[float] = []
     profile_b = profiled(args.profile, "b")
@@ -193,7 +195,7 @@ async def bench(args: argparse.Namespace, store: bs.ScratchStore) -> dict[str, A
         "cache": store.cache,
         "n": args.n,
         "concurrency": args.concurrency,
-        "batch": args.batch,
+        "batch": args.batch, "rate_limit": args.rate_limit,
         "enqueue_per_s": round(args.n / enqueue_s),
         "process_per_s": round(args.n / process_s),
         "lat_p50_ms": round(bs.pct(lat, 50), 3),
@@ -234,6 +236,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-c", "--concurrency", type=int, default=10, help="worker concurrency")
     p.add_argument("--latency-samples", type=int, default=300, help="sequential robots (K)")
     p.add_argument("--batch", type=int, default=1000, help="submit_many batch size")
+    p.add_argument("--rate-limit", default="none",
+                   help="RFMVP_RATE_LIMIT for the run (default none: not consulted); e.g. "
+                        "1000000/second to count every submission against a limit it admits")
     p.add_argument("--progress", action="store_true",
                    help="the no-op reports progress once (exercises state.update_progress)")
     p.add_argument("--wake-on-finish", action="store_true",
