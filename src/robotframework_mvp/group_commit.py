@@ -64,9 +64,15 @@ class _Batch(Generic[Item, Result]):
 
 
 class GroupCommitter(Generic[Item, Result]):
-    def __init__(self, write_many: WriteMany[Item, Result], max_batch: int = 500) -> None:
+    def __init__(self, write_many: WriteMany[Item, Result], max_batch: int = 500, *,
+                 first_turn: bool = True) -> None:
+        """``first_turn=False``: a caller with nothing in flight writes at once, without
+        the turn of the loop that lets callers ready now join it. For a ``write_many``
+        that always waits on the network (a Redis call), those callers join the next
+        write anyway, and a lone call saves the turn."""
         self.write_many = write_many
         self.max_batch = max_batch
+        self.first_turn = first_turn
         self._batches: list[_Batch[Item, Result]] = []
         self._writing = False
         self.batches = 0
@@ -93,7 +99,8 @@ class GroupCommitter(Generic[Item, Result]):
             # turn and the writes (a checkpoint in it cannot be cancelled).
             with anyio.CancelScope(shield=True):
                 try:
-                    await anyio.lowlevel.checkpoint()
+                    if self.first_turn:
+                        await anyio.lowlevel.checkpoint()
                 finally:
                     await self._drain()
             return first.result(0)

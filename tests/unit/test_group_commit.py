@@ -89,6 +89,32 @@ async def test_completions_ready_together_share_a_write_that_never_yields() -> N
     assert results == {i: f"r{i}" for i in range(6)}
 
 
+async def test_without_a_first_turn_a_lone_call_writes_at_once_and_the_rest_share_the_next(
+) -> None:
+    """``first_turn=False`` (a rate-limit check on Redis): the first caller's call goes
+    out before the callers ready in the same turn run; they share the next one."""
+    batches: list[list[str]] = []
+
+    async def write_many(completions: Sequence[Completion]) -> list[Robot | None]:
+        batches.append([c.robot_id for c in completions])
+        await anyio.lowlevel.checkpoint()  # a network call always waits
+        return [_robot(c.robot_id) for c in completions]
+
+    committer = GroupCommitter(write_many, first_turn=False)
+    results: dict[int, str] = {}
+
+    async def complete(i: int) -> None:
+        robot = await committer.write(_completion(i))
+        assert robot is not None
+        results[i] = robot.id
+
+    async with anyio.create_task_group() as tg:
+        for i in range(6):
+            tg.start_soon(complete, i)
+    assert batches == [["r0"], ["r1", "r2", "r3", "r4", "r5"]]
+    assert results == {i: f"r{i}" for i in range(6)}
+
+
 async def test_a_failed_write_fails_every_completion_of_its_batch_and_no_other() -> None:
     calls = 0
 

@@ -60,7 +60,7 @@ class CacheManager:
         # meanwhile (running, then succeeded) is serialized and sent once, in its newest state.
         self._pending: dict[str, Robot] = {}
         self._pending_wake: anyio.Event | None = None
-        self._rate_checks = GroupCommitter(self._check_rates)
+        self._rate_checks = GroupCommitter(self._check_rates, first_turn=False)
         self.breaker = CircuitBreaker(
             f"cache:{backend.name}",
             BreakerPolicy(failure_rate_threshold=0.5, window_size=20, minimum_calls=5,
