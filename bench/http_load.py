@@ -46,6 +46,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _support as bs
 
 BODY = json.dumps({"kind": "echo", "payload": {}}).encode()
+#: the key the clients send: the static one, or a stored one (``--stored-key``)
+KEY = bs.API_KEY
+#: the server's pepper for stored keys (``--stored-key``)
+PEPPER = "bench-pepper-" + "x" * 32
 PATH = "/api/v1/robots"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +95,7 @@ async def run_httpx(url: str, connections: int, duration: float, max_requests: i
                     stats: Stats) -> None:
     import httpx
 
-    headers = {"X-API-Key": bs.API_KEY, "content-type": "application/json"}
+    headers = {"X-API-Key": KEY, "content-type": "application/json"}
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     deadline = time.perf_counter() + duration
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10.0) as client:
@@ -111,7 +115,7 @@ async def run_httpx(url: str, connections: int, duration: float, max_requests: i
 
 async def run_raw(host: str, port: int, connections: int, duration: float, max_requests: int,
                   stats: Stats) -> None:
-    request = (f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nX-API-Key: {bs.API_KEY}\r\n"
+    request = (f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nX-API-Key: {KEY}\r\n"
                f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n"
                ).encode() + BODY
     deadline = time.perf_counter() + duration
@@ -141,11 +145,12 @@ async def run_raw(host: str, port: int, connections: int, duration: float, max_r
     await asyncio.gather(*[one() for _ in range(connections)])
 
 
-_WRK_LUA = f"""
+def _wrk_lua() -> str:
+    return f"""
 wrk.method = "POST"
 wrk.body = '{BODY.decode()}'
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["X-API-Key"] = "{bs.API_KEY}"
+wrk.headers["X-API-Key"] = "{KEY}"
 """
 
 
@@ -156,7 +161,7 @@ def _wrk_ms(text: str) -> float:
 
 def run_wrk(url: str, connections: int, duration: float, threads: int) -> dict[str, Any]:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write(_WRK_LUA)
+        f.write(_wrk_lua())
         script = f.name
     try:
         out = subprocess.run(
@@ -192,6 +197,7 @@ def start_server(args: argparse.Namespace, store: bs.ScratchStore, port: int,
     env.update({
         "RFMVP_API_KEYS": f"{bs.PRINCIPAL}:{bs.API_KEY}",
         "RFMVP_RATE_LIMIT": args.rate_limit,
+        "RFMVP_SECRET_KEY": PEPPER,
         "RFMVP_HOST": "127.0.0.1",
         "RFMVP_PORT": str(port),
         "RFMVP_WORKER_ENABLED": "true" if args.worker else "false",
@@ -199,6 +205,22 @@ def start_server(args: argparse.Namespace, store: bs.ScratchStore, port: int,
     log = open(log_path, "wb")  # noqa: SIM115 - the server owns it until it exits
     return subprocess.Popen([sys.executable, args.server], env=env, stdout=log, stderr=log,
                             cwd=str(Path(args.server).resolve().parent))
+
+
+async def create_stored_key(store: bs.ScratchStore) -> str:
+    """A stored key for the bench principal, in the store the server has migrated."""
+    from robotframework_mvp import Settings
+    from robotframework_mvp.plugins import BuiltinPlugin
+    from robotframework_mvp.security.keys import create_key
+
+    driver = BuiltinPlugin().storage_driver(store.storage_url, Settings())
+    assert driver is not None
+    await driver.open()
+    try:
+        key, _ = await create_key(driver, PEPPER, principal=bs.PRINCIPAL)
+    finally:
+        await driver.close()
+    return key
 
 
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
@@ -295,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-limit", default="none",
                    help="the server's RFMVP_RATE_LIMIT (default none); e.g. 1000000/second "
                         "to measure what the limiter costs while it admits everything")
+    p.add_argument("--stored-key", action="store_true",
+                   help="send a stored key (rfmvp keys create) instead of a static one: "
+                        "each request then looks its key up in the store")
     p.add_argument("--tool", choices=["httpx", "raw", "wrk"], default="raw",
                    help="raw (default): minimal asyncio HTTP/1.1 client; httpx: saturates a "
                         "core at a few hundred req/s here, so it measures itself; wrk")
@@ -319,6 +344,9 @@ def main(argv: list[str] | None = None) -> int:
         proc = start_server(args, store, port, log_path)
         try:
             wait_healthy(url, proc)
+            if args.stored_key:
+                global KEY
+                KEY = asyncio.run(create_stored_key(store))
             bs.log(quiet, f"server up on {url} (pid {proc.pid}); tool {args.tool}, "
                           f"{args.connections} connections, {args.duration:g} s")
             warm = Stats()
@@ -393,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "system": "robotframework-mvp", "bench": "http", "tool": args.tool,
             "storage": store.storage, "cache": store.cache, "connections": args.connections,
-            "rate_limit": args.rate_limit,
+            "rate_limit": args.rate_limit, "stored_key": args.stored_key,
             "duration_s": args.duration, "worker": args.worker, **result,
             "robots_stored": len(robots), "verified": not problems, "problems": problems,
             "src_digest": bs.src_digest(),
