@@ -82,6 +82,22 @@ async def test_a_created_key_is_found_by_its_prefix_with_every_field(
     assert await driver.get_api_key_by_prefix("zzzzzzzz") is None
 
 
+async def test_keys_read_together_are_the_keys_read_one_by_one(driver: StorageDriver) -> None:
+    # The read that requests arriving together share (StoredKeyBackend).
+    await driver.create_api_key(make_key("aaaaaaaa"))
+    await driver.create_api_key(make_key("bbbbbbbb", principal="bob"))
+    await driver.revoke_api_key("bbbbbbbb", utcnow())
+    await driver.create_api_key(make_key("cccccccc"))
+    read_many = getattr(driver, "get_api_keys_by_prefixes")  # noqa: B009 - not in the protocol
+    found = await read_many(["aaaaaaaa", "bbbbbbbb", "unknown0", "x' OR '1'='1"])
+    assert sorted(found) == ["aaaaaaaa", "bbbbbbbb"]
+    for prefix, key in found.items():
+        alone = await driver.get_api_key_by_prefix(prefix)
+        assert alone is not None
+        assert same(key, alone)
+    assert await read_many([]) == {}
+
+
 async def test_a_taken_prefix_stores_nothing(driver: StorageDriver) -> None:
     first = make_key()
     assert await driver.create_api_key(first)

@@ -3,16 +3,19 @@ whatever the store and the cache: no process keeps a key in memory beyond one re
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from datetime import timedelta
+from typing import Any
 
+import anyio
 import pytest
 from secsite import PEPPER
 
 from robotframework_mvp import AuthenticationError, Orchestrator, Settings
-from robotframework_mvp.models import utcnow
-from robotframework_mvp.security.keys import create_key, rotate_key
+from robotframework_mvp.models import ApiKey, utcnow
+from robotframework_mvp.security.keys import StoredKeyBackend, create_key, rotate_key
+from robotframework_mvp.state.driver import StorageDriver
 from robotframework_mvp.testing import test_settings
 
 pytestmark = pytest.mark.anyio
@@ -64,3 +67,52 @@ async def test_a_key_rotated_without_grace_is_refused_everywhere_and_its_success
             with pytest.raises(AuthenticationError, match="expired"):
                 await orch.list(api_key=old)
             await orch.list(api_key=rotated[0])
+
+
+class CountedKeyReads:
+    """The orchestrator's real driver, counting the key reads that reach it."""
+
+    def __init__(self, driver: StorageDriver) -> None:
+        self.driver = driver
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.driver, name)
+
+    async def get_api_key_by_prefix(self, prefix: str) -> ApiKey | None:
+        self.reads += 1
+        return await self.driver.get_api_key_by_prefix(prefix)
+
+    async def get_api_keys_by_prefixes(self, prefixes: Sequence[str]) -> dict[str, ApiKey]:
+        self.reads += 1
+        read_many = getattr(self.driver, "get_api_keys_by_prefixes")  # noqa: B009
+        found: dict[str, ApiKey] = await read_many(prefixes)
+        return found
+
+
+async def test_requests_arriving_together_share_a_key_read_and_a_revocation_still_counts(
+    settings: Settings, anyio_backend: str,
+) -> None:
+    # 20 requests at once with two stored keys: one read of the store (not 20), each
+    # request still gets its own key's principal, and a key revoked after they were
+    # served is refused on the very next request.
+    async with Orchestrator(settings) as orch:
+        alice, _ = await create_key(orch.driver, PEPPER, principal="alice")
+        bob, bobs = await create_key(orch.driver, PEPPER, principal="bob")
+        reads = CountedKeyReads(orch.driver)
+        backend = StoredKeyBackend(reads, PEPPER, touch_interval=60.0)
+        seen: dict[int, str] = {}
+
+        async def authenticate(i: int) -> None:
+            principal = await backend.authenticate(alice if i % 2 else bob)
+            assert principal is not None
+            seen[i] = principal.id
+
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(authenticate, i)
+        assert seen == {i: "alice" if i % 2 else "bob" for i in range(20)}
+        assert reads.reads <= 2  # the first request's read, then one for the other 19
+        assert await orch.driver.revoke_api_key(bobs.prefix, utcnow()) is not None
+        with pytest.raises(AuthenticationError, match="revoked"):
+            await backend.authenticate(bob)

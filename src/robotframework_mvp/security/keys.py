@@ -23,13 +23,14 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 
 import anyio
 
 from ..config import RateLimit
 from ..errors import AuthenticationError, ConfigError, ConflictError, ValidationError
+from ..group_commit import GroupCommitter
 from ..models import ApiKey, Principal, new_id, utcnow
 from ..state.driver import StorageDriver
 
@@ -215,6 +216,11 @@ class StoredKeyBackend:
         self._queued_at: dict[str, float] = {}
         self._warned = False
         self.touch_errors = 0
+        # Requests that arrive while a key is being read share the next read: its row is
+        # still read after the request arrived (a revocation counts at once), but 32
+        # requests at a time cost one round trip instead of 32.
+        self._lookups: GroupCommitter[str, ApiKey | None] = GroupCommitter(
+            self._read_keys, first_turn=False)
 
     async def authenticate(self, credential: str) -> Principal | None:
         parts = split_key(credential)
@@ -227,7 +233,7 @@ class StoredKeyBackend:
                             "so stored keys cannot be verified; refusing it")
             return None
         prefix, secret = parts
-        stored = await self.driver.get_api_key_by_prefix(prefix)
+        stored = await self._lookups.write(prefix)
         digest = key_digest(self._pepper, prefix, secret)
         # Compare even when the prefix is unknown: the time taken does not say which.
         matches = hmac.compare_digest(_DUMMY_DIGEST if stored is None else stored.digest,
@@ -243,6 +249,13 @@ class StoredKeyBackend:
         self._record_use(prefix, now)
         return Principal(id=stored.principal, tenant=stored.tenant, scopes=stored.scopes,
                          key_prefix=prefix, rate_limit=stored.rate_limit)
+
+    async def _read_keys(self, prefixes: Sequence[str]) -> list[ApiKey | None]:
+        read_many = getattr(self.driver, "get_api_keys_by_prefixes", None)
+        if read_many is None:  # a third-party driver without the batch read
+            return [await self.driver.get_api_key_by_prefix(p) for p in prefixes]
+        found: dict[str, ApiKey] = await read_many(sorted(set(prefixes)))
+        return [found.get(p) for p in prefixes]
 
     # -- last used ---------------------------------------------------------------------
 

@@ -390,7 +390,12 @@ class StorageDriver(Protocol):
         """Store a new key; False (nothing stored) when its prefix is taken."""
 
     async def get_api_key_by_prefix(self, prefix: str) -> ApiKey | None:
-        """The key with this public prefix, whatever its state (one indexed read)."""
+        """The key with this public prefix, whatever its state (one indexed read).
+
+        A driver may also offer ``get_api_keys_by_prefixes(prefixes) -> {prefix: key}``
+        (both built-in drivers do): the keys of requests that arrive together are then
+        read in one round trip instead of one each.
+        """
 
     async def list_api_keys(self, *, principal: str | None) -> list[ApiKey]:
         """Every key (of ``principal``, when given), oldest first, revoked ones too."""

@@ -1142,6 +1142,12 @@ class PostgresDriver:
             lambda c: _fetchone(c, _Q["get_api_key_by_prefix"], {"prefix": prefix}))
         return None if row is None else _api_key_from_row(row)
 
+    async def get_api_keys_by_prefixes(self, prefixes: Sequence[str]) -> dict[str, ApiKey]:
+        """The keys with these prefixes, by prefix (one read; unknown ones are absent)."""
+        rows = await self._read(lambda c: _fetchall(
+            c, _Q["get_api_keys_by_prefixes"], {"prefixes": list(prefixes)}))
+        return {row["prefix"]: _api_key_from_row(row) for row in rows}
+
     async def list_api_keys(self, *, principal: str | None) -> list[ApiKey]:
         rows = await self._read(
             lambda c: _fetchall(c, _Q["list_api_keys"], {"principal": principal}))

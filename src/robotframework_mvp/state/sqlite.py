@@ -820,6 +820,13 @@ class SQLiteDriver:
             lambda c: c.execute(_Q["get_api_key_by_prefix"], {"prefix": prefix}).fetchone())
         return None if row is None else _api_key_from_row(row)
 
+    async def get_api_keys_by_prefixes(self, prefixes: Sequence[str]) -> dict[str, ApiKey]:
+        """The keys with these prefixes, by prefix (one read; unknown ones are absent)."""
+        params = {"prefixes": json.dumps(list(prefixes))}
+        rows = await self._read(
+            lambda c: c.execute(_Q["get_api_keys_by_prefixes"], params).fetchall())
+        return {row["prefix"]: _api_key_from_row(row) for row in rows}
+
     async def list_api_keys(self, *, principal: str | None) -> list[ApiKey]:
         rows = await self._read(
             lambda c: c.execute(_Q["list_api_keys"], {"principal": principal}).fetchall())

@@ -15,6 +15,12 @@ SELECT id, prefix, digest, principal, tenant, scopes, created_at, expires_at, re
        rate_limit, last_used_at, description
 FROM api_keys WHERE prefix = %(prefix)s;
 
+-- name: get_api_keys_by_prefixes
+-- get_api_key_by_prefix for the keys of requests that arrived together: one read.
+SELECT id, prefix, digest, principal, tenant, scopes, created_at, expires_at, revoked_at,
+       rate_limit, last_used_at, description
+FROM api_keys WHERE prefix = ANY(%(prefixes)s::text[]);
+
 -- name: list_api_keys
 -- Oldest first; a NULL principal lists every key.
 SELECT id, prefix, digest, principal, tenant, scopes, created_at, expires_at, revoked_at,

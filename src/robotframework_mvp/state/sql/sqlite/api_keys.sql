@@ -10,6 +10,11 @@ VALUES (:id, :prefix, :digest, :principal, :tenant, :scopes, :created_at, :expir
 -- name: get_api_key_by_prefix
 SELECT * FROM api_keys WHERE prefix = :prefix;
 
+-- name: get_api_keys_by_prefixes
+-- get_api_key_by_prefix for the keys of requests that arrived together (:prefixes is a
+-- JSON array): one read.
+SELECT * FROM api_keys WHERE prefix IN (SELECT value FROM json_each(:prefixes));
+
 -- name: list_api_keys
 -- Oldest first; a NULL principal lists every key.
 SELECT * FROM api_keys
