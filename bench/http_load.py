@@ -114,17 +114,24 @@ async def run_httpx(url: str, connections: int, duration: float, max_requests: i
 
 
 async def run_raw(host: str, port: int, connections: int, duration: float, max_requests: int,
-                  stats: Stats) -> None:
-    request = (f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nX-API-Key: {KEY}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n"
-               ).encode() + BODY
+                  stats: Stats, get_ids: list[str] | None = None) -> None:
+    """POST a robot again and again; with ``get_ids``, GET those robots in turn instead."""
+    post = (f"POST {PATH} HTTP/1.1\r\nHost: {host}:{port}\r\nX-API-Key: {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(BODY)}\r\n\r\n"
+            ).encode() + BODY
+    requests = [post] if not get_ids else [
+        f"GET {PATH}/{robot_id} HTTP/1.1\r\nHost: {host}:{port}\r\nX-API-Key: {KEY}\r\n\r\n"
+        .encode() for robot_id in get_ids]
     deadline = time.perf_counter() + duration
 
-    async def one() -> None:
+    async def one(offset: int) -> None:
         reader, writer = await asyncio.open_connection(host, port)
+        n = offset
         try:
             while time.perf_counter() < deadline and len(stats.lat) + stats.errors < max_requests:
                 t = time.perf_counter()
+                request = requests[n % len(requests)]
+                n += 1
                 try:
                     writer.write(request)
                     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -142,7 +149,7 @@ async def run_raw(host: str, port: int, connections: int, duration: float, max_r
         finally:
             writer.close()
 
-    await asyncio.gather(*[one() for _ in range(connections)])
+    await asyncio.gather(*[one(i * 7919) for i in range(connections)])
 
 
 def _wrk_lua() -> str:
@@ -320,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stored-key", action="store_true",
                    help="send a stored key (rfmvp keys create) instead of a static one: "
                         "each request then looks its key up in the store")
+    p.add_argument("--get", action="store_true",
+                   help="after the warm-up's submissions, GET those robots (status reads, "
+                        "from the cache) instead of submitting more; raw client only")
     p.add_argument("--tool", choices=["httpx", "raw", "wrk"], default="raw",
                    help="raw (default): minimal asyncio HTTP/1.1 client; httpx: saturates a "
                         "core at a few hundred req/s here, so it measures itself; wrk")
@@ -332,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="py-spy the server during the measured load (raw format, to FILE)")
     p.add_argument("--json-only", action="store_true")
     args = p.parse_args(argv)
+    if args.get and (args.tool != "raw" or args.warmup <= 0):
+        raise SystemExit("--get needs the raw client and a warm-up (its robots are read)")
     if args.tool == "wrk" and shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed (apt-get install wrk); use --tool httpx or raw")
     quiet = args.json_only
@@ -374,8 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                     asyncio.run(run_httpx(url, args.connections, args.duration,
                                           args.max_requests, stats))
                 else:
+                    get_ids = [r[0] for r in bs._rows(store)[0]] if args.get else None
                     asyncio.run(run_raw("127.0.0.1", port, args.connections, args.duration,
-                                        args.max_requests, stats))
+                                        args.max_requests, stats, get_ids))
                 elapsed = time.perf_counter() - t0
                 result = {
                     "requests_per_s": round(len(stats.lat) / elapsed),
@@ -393,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
             text = scrape(url)
             result["server_loop_lag"] = loop_lag_during(lag0, loop_lag_buckets(text))
             result["server_step_p99_ms"] = step_p99_ms(text)
-            expected = accepted + warm.ok
+            expected = (0 if args.get else accepted) + warm.ok
             if spy is not None:
                 spy.wait(timeout=60)
             left = 0
@@ -421,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         out = {
             "system": "robotframework-mvp", "bench": "http", "tool": args.tool,
             "storage": store.storage, "cache": store.cache, "connections": args.connections,
-            "rate_limit": args.rate_limit, "stored_key": args.stored_key,
+            "rate_limit": args.rate_limit, "stored_key": args.stored_key, "get": args.get,
             "duration_s": args.duration, "worker": args.worker, **result,
             "robots_stored": len(robots), "verified": not problems, "problems": problems,
             "src_digest": bs.src_digest(),
