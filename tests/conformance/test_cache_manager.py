@@ -62,6 +62,10 @@ class CountingRedisBackend(RedisBackend):
         self.calls += 1
         await super().delete(*keys)
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        self.calls += 1
+        return await super().get_many(keys)
+
     async def rate_limit(self, key: str, count: int, period: float, cost: int = 1
                          ) -> RateDecision:
         self.calls += 1
@@ -179,6 +183,36 @@ async def test_rate_limits_through_the_manager_are_shared_decisions(
 ) -> None:
     decisions = [await manager.rate_limit("alice", 3, 60) for _ in range(4)]
     assert [d.allowed if d else None for d in decisions] == [True, True, True, False]
+
+
+async def test_status_reads_arriving_together_share_a_round_trip_and_each_gets_its_robot(
+    redis_url: str, redis_prefix: str,
+) -> None:
+    # What many pollers do: 30 reads at once, of 10 robots and of one never cached.
+    writer = CountingRedisBackend(redis_url)
+    reader = CountingRedisBackend(redis_url)  # another process: nothing pending locally
+    await writer.open()
+    await reader.open()
+    try:
+        robots = [a_robot(lease_token=None) for _ in range(10)]
+        await CacheManager(writer, CacheConfig(key_prefix=redis_prefix)).set_robots(robots)
+        manager = CacheManager(reader, CacheConfig(key_prefix=redis_prefix))
+        wanted = [r.id for r in robots] * 3 + ["never-cached"]
+        found: dict[int, Robot | None] = {}
+
+        async def read(i: int) -> None:
+            found[i] = await manager.get_robot(wanted[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(wanted)):
+                tg.start_soon(read, i)
+        by_id = {r.id: r for r in robots}
+        assert found == {i: by_id.get(robot_id) for i, robot_id in enumerate(wanted)}
+        assert reader.calls <= 2  # the first read, then one for the other 30
+        assert (manager.hits["robot"], manager.misses["robot"]) == (30, 1)
+    finally:
+        await writer.close()
+        await reader.close()
 
 
 async def test_concurrent_rate_limit_checks_share_round_trips_and_admit_exactly_the_limit(

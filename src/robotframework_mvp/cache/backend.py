@@ -13,7 +13,8 @@ from typing import Protocol, runtime_checkable
 
 import attrs
 
-__all__ = ["CacheBackend", "RateCheck", "RateDecision", "gcra", "rate_limit_many"]
+__all__ = ["CacheBackend", "RateCheck", "RateDecision", "gcra", "get_many",
+           "rate_limit_many"]
 
 
 @attrs.frozen
@@ -73,6 +74,15 @@ class CacheBackend(Protocol):
 
     async def rate_limit(self, key: str, count: int, period: float, cost: int = 1) -> RateDecision:
         """Check and count one request against ``count`` per ``period`` atomically."""
+
+
+async def get_many(backend: CacheBackend, keys: Sequence[str]) -> list[bytes | None]:
+    """The values under ``keys``, in order: in one round trip when the backend has
+    ``get_many`` (an optional method; Redis has it, as MGET), else with one call each."""
+    many = getattr(backend, "get_many", None)
+    if many is not None:
+        return list(await many(keys))
+    return [await backend.get(key) for key in keys]
 
 
 #: one rate-limit check: (key, count, period) for one request

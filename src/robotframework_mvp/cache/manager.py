@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -22,7 +22,13 @@ from ..config import CacheConfig
 from ..group_commit import GroupCommitter
 from ..models import JSONObject, Robot
 from ..resilience import BreakerPolicy, CircuitBreaker
-from .backend import CacheBackend, RateCheck, RateDecision, rate_limit_many
+from .backend import (
+    CacheBackend,
+    RateCheck,
+    RateDecision,
+    get_many,
+    rate_limit_many,
+)
 from .memory import MemoryBackend
 
 __all__ = ["CacheManager"]
@@ -61,6 +67,7 @@ class CacheManager:
         self._pending: dict[str, Robot] = {}
         self._pending_wake: anyio.Event | None = None
         self._rate_checks = GroupCommitter(self._check_rates, first_turn=False)
+        self._robot_reads = GroupCommitter(self._read_many, first_turn=False)
         self.breaker = CircuitBreaker(
             f"cache:{backend.name}",
             BreakerPolicy(failure_rate_threshold=0.5, window_size=20, minimum_calls=5,
@@ -78,11 +85,15 @@ class CacheManager:
         log.warning("cache %s failed (%s); continuing without it", namespace, type(exc).__name__)
 
     async def get_bytes(self, namespace: str, key: str) -> bytes | None:
+        return await self._get(namespace, key, self.backend.get)
+
+    async def _get(self, namespace: str, key: str,
+                   read: Callable[[str], Awaitable[bytes | None]]) -> bytes | None:
         if not self.breaker.allow():
             self.misses[namespace] += 1
             return None
         try:
-            value = await self.backend.get(f"{self.prefix}{namespace}:{key}")
+            value = await read(f"{self.prefix}{namespace}:{key}")
         except Exception as exc:
             self._failed(namespace, exc)
             self.misses[namespace] += 1
@@ -155,7 +166,8 @@ class CacheManager:
         if pending is not None:
             # Not yet in the shared cache: this process's own newest write (not a hit).
             return _without_lease(pending)
-        raw = await self.get_bytes("robot", robot_id)
+        # Status reads that arrive while one is on its way share the next round trip.
+        raw = await self._get("robot", robot_id, self._robot_reads.write)
         if raw is None:
             return None
         try:
@@ -247,6 +259,9 @@ class CacheManager:
             return None
         self.breaker.record_success()
         return decision
+
+    async def _read_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return await get_many(self.backend, keys)
 
     async def _check_rates(self, checks: Sequence[RateCheck]) -> list[RateDecision]:
         return await rate_limit_many(self.backend, checks)

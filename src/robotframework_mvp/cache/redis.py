@@ -180,6 +180,11 @@ class RedisBackend:
         value: Any = await self.client.get(key)
         return None if value is None else bytes(value)
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """``get`` for each key, in one MGET."""
+        values: Any = await self.client.mget(keys)
+        return [None if value is None else bytes(value) for value in values]
+
     async def set(self, key: str, value: bytes, ttl: float) -> None:
         if ttl <= 0:  # expired on arrival, as in the memory backend
             await self.client.delete(key)
