@@ -64,17 +64,18 @@ async def test_completions_arriving_during_a_write_share_the_next_one() -> None:
         0: "r0", 1: "r1", 2: "r2", 3: None, 4: "r4", 5: "r5"}
 
 
-async def test_completions_ready_together_share_a_write_that_never_yields() -> None:
-    """A write that runs without yielding (SQLite's inline write of a few robots) gets
-    no company while it runs; robots finishing in the same turn of the loop must still
-    share it, or every robot pays a transaction of its own under load."""
+async def _six_ready_together(*, first_turn: bool, write_waits: bool) -> list[list[str]]:
+    """Six completions ready in the same turn of the loop; the batches the store saw.
+    Each completion must come back with its own robot."""
     batches: list[list[str]] = []
 
     async def write_many(completions: Sequence[Completion]) -> list[Robot | None]:
         batches.append([c.robot_id for c in completions])
+        if write_waits:
+            await anyio.lowlevel.checkpoint()
         return [_robot(c.robot_id) for c in completions]
 
-    committer = GroupCommitter(write_many)
+    committer = GroupCommitter(write_many, first_turn=first_turn)
     results: dict[int, str] = {}
 
     async def complete(i: int) -> None:
@@ -85,34 +86,25 @@ async def test_completions_ready_together_share_a_write_that_never_yields() -> N
     async with anyio.create_task_group() as tg:
         for i in range(6):
             tg.start_soon(complete, i)
-    assert batches == [["r0", "r1", "r2", "r3", "r4", "r5"]]
     assert results == {i: f"r{i}" for i in range(6)}
+    return batches
+
+
+async def test_completions_ready_together_share_a_write_that_never_yields() -> None:
+    """A write that runs without yielding (SQLite's inline write of a few robots) gets
+    no company while it runs; robots finishing in the same turn of the loop must still
+    share it, or every robot pays a transaction of its own under load."""
+    batches = await _six_ready_together(first_turn=True, write_waits=False)
+    assert batches == [["r0", "r1", "r2", "r3", "r4", "r5"]]
 
 
 async def test_without_a_first_turn_a_lone_call_writes_at_once_and_the_rest_share_the_next(
 ) -> None:
     """``first_turn=False`` (a rate-limit check on Redis): the first caller's call goes
-    out before the callers ready in the same turn run; they share the next one."""
-    batches: list[list[str]] = []
-
-    async def write_many(completions: Sequence[Completion]) -> list[Robot | None]:
-        batches.append([c.robot_id for c in completions])
-        await anyio.lowlevel.checkpoint()  # a network call always waits
-        return [_robot(c.robot_id) for c in completions]
-
-    committer = GroupCommitter(write_many, first_turn=False)
-    results: dict[int, str] = {}
-
-    async def complete(i: int) -> None:
-        robot = await committer.write(_completion(i))
-        assert robot is not None
-        results[i] = robot.id
-
-    async with anyio.create_task_group() as tg:
-        for i in range(6):
-            tg.start_soon(complete, i)
+    out before the callers ready in the same turn run; they share the next one (a network
+    call always waits, so they never miss it)."""
+    batches = await _six_ready_together(first_turn=False, write_waits=True)
     assert batches == [["r0"], ["r1", "r2", "r3", "r4", "r5"]]
-    assert results == {i: f"r{i}" for i in range(6)}
 
 
 async def test_a_failed_write_fails_every_completion_of_its_batch_and_no_other() -> None:
