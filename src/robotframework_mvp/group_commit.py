@@ -1,8 +1,9 @@
 """Group commit: writes that arrive while one is under way share the next write.
 
 Used for completions, progress reports and robots submitted one at a time (the
-StateManager), and for rate-limit checks on a shared cache (the CacheManager): any call
-whose items can go to the server together, in order, in one round trip.
+StateManager), for rate-limit checks and status reads on a shared cache (the
+CacheManager) and for stored-key lookups (StoredKeyBackend): any call whose items can go
+to the server together, in order, in one round trip.
 
 No timer and no background task: the first caller with nothing in flight writes its own
 item after one turn of the event loop (no added latency when idle), with those of the
