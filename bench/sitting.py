@@ -12,8 +12,9 @@ round: each of our runs sits between two pgqueuer runs. Then one run on each sto
 robots report progress (``--progress``: the ``state.update_progress`` step), one on
 postgresql+redis with a rate limit that admits everything (what the limiter costs when it
 is consulted, as deployed; shown, not judged), and
-``bench/http_load.py`` twice (sqlite+memory), once with the worker off, and once on
-postgresql+redis.
+``bench/http_load.py`` twice (sqlite+memory), once with the worker off, once on
+postgresql+redis, and once more there as an API process is deployed (worker off, a stored
+key, the limiter consulted; shown, not judged).
 
 pgqueuer is run from the anchors directory (``shared/anchors``, outside this repository)
 with the virtualenv that its ``run.sh`` creates. Without them, only our runs are made.
@@ -210,9 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     http: list[dict[str, Any]] = []
     if args.http:
         load = [sys.executable, "bench/http_load.py", "--json-only"]
+        # The last: an API process as deployed (a stored key, the limiter consulted),
+        # shown and not judged.
+        deployed = ["--no-worker", "--stored-key", "--rate-limit", ADMIT_ALL]
         for label, extra in (("http sqlite 1", []), ("http sqlite 2", []),
                              ("http sqlite, worker off", ["--no-worker"]),
-                             ("http postgresql", PG)):
+                             ("http postgresql", PG),
+                             ("http postgresql, as deployed", [*PG, *deployed])):
             result = run([*load, *extra], ROOT, label)
             if result is not None:
                 http.append(result)
