@@ -166,6 +166,21 @@ class _Collector:
                                   value=orch.audit.written)
         yield GaugeMetricFamily("rfmvp_audit_records_pending", "Audit records not yet written",
                                 value=orch.audit.pending)
+        shared = {**orch.state.group_commits(), **orch.cache.group_commits(),
+                  "stored_key_reads": orch.security.stored_keys.lookups}
+        trips = CounterMetricFamily(
+            "rfmvp_shared_round_trips",
+            "Round trips to the store or the cache made for calls that arrive together",
+            labels=["kind"])
+        items = CounterMetricFamily(
+            "rfmvp_shared_round_trip_items",
+            "Calls served by those round trips (items / round trips: the mean batch)",
+            labels=["kind"])
+        for kind, committer in sorted(shared.items()):
+            trips.add_metric([kind], committer.batches)
+            items.add_metric([kind], committer.written)
+        yield trips
+        yield items
         worker = orch.worker
         yield GaugeMetricFamily("rfmvp_worker_running", "Robots running in this process",
                                 value=len(worker.running))

@@ -8,6 +8,7 @@ docs/operations.md (a new leader within a few ``RFMVP_LEADER_INTERVAL``).
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -313,6 +314,30 @@ async def test_every_metric_family_emitted_is_documented_in_operations_md(
     assert "rfmvp_leader" in families
     missing = [name for name in families if f"`{name}`" not in doc]
     assert not missing, f"docs/operations.md does not document: {missing}"
+
+
+async def test_the_metrics_show_how_many_calls_each_shared_round_trip_served(
+    sqlite_url: str,
+) -> None:
+    async with running_orchestrator(work, settings=test_settings(sqlite_url)) as orch:
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(functools.partial(
+                    orch.process_robot, "work", {}, api_key=TEST_API_KEY, timeout=10))
+        text = await render_metrics(orch)
+
+    def shared(family: str, kind: str) -> float:
+        found = re.search(rf'^{family}_total{{kind="{kind}"}} (\S+)$', text, re.MULTILINE)
+        assert found is not None, f"{family} {kind} missing"
+        return float(found.group(1))
+
+    completed = shared("rfmvp_shared_round_trip_items", "completions")
+    assert completed == 20  # each robot's completion, once
+    assert 1 <= shared("rfmvp_shared_round_trips", "completions") <= completed
+    for kind in ("progress", "submissions", "submissions_claimed", "rate_limit_checks",
+                 "status_reads", "stored_key_reads"):
+        assert shared("rfmvp_shared_round_trips", kind) <= shared(
+            "rfmvp_shared_round_trip_items", kind)
 
 
 async def test_a_held_up_event_loop_shows_in_the_loop_lag_metrics(sqlite_url: str) -> None:

@@ -260,6 +260,10 @@ class CacheManager:
         self.breaker.record_success()
         return decision
 
+    def group_commits(self) -> dict[str, GroupCommitter[Any, Any]]:
+        """The calls to a shared backend that share round trips, by name, for ``/metrics``."""
+        return {"rate_limit_checks": self._rate_checks, "status_reads": self._robot_reads}
+
     async def _read_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return await get_many(self.backend, keys)
 

@@ -250,6 +250,11 @@ class StoredKeyBackend:
         return Principal(id=stored.principal, tenant=stored.tenant, scopes=stored.scopes,
                          key_prefix=prefix, rate_limit=stored.rate_limit)
 
+    @property
+    def lookups(self) -> GroupCommitter[str, ApiKey | None]:
+        """The shared reads of stored keys (for ``/metrics``)."""
+        return self._lookups
+
     async def _read_keys(self, prefixes: Sequence[str]) -> list[ApiKey | None]:
         read_many = getattr(self.driver, "get_api_keys_by_prefixes", None)
         if read_many is None:  # a third-party driver without the batch read

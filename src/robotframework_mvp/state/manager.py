@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..cache.manager import CacheManager
 from ..errors import ServiceUnavailableError
@@ -62,6 +62,11 @@ class StateManager:
             return (await self.driver.create_robots([robot]))[0]
 
         return await _shared_write(robots, self.driver.create_robots, create)
+
+    def group_commits(self) -> dict[str, GroupCommitter[Any, Any]]:
+        """This manager's shared writes by name, for ``/metrics``."""
+        return {"completions": self._completions, "progress": self._progress,
+                "submissions": self._creates, "submissions_claimed": self._creates_claimed}
 
     @property
     def can_create_and_claim(self) -> bool:
