@@ -747,6 +747,8 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                 if current is not None:
                     robot = current
                 if robot.is_terminal:
+                    # Ended in another process: nothing here will pop its waiter.
+                    self._waiters.pop(robot.id, None)
                     return robot
                 poll = min(poll * 2, 0.5)
         self._waiters.pop(robot.id, None)

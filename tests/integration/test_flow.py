@@ -542,6 +542,20 @@ async def test_a_module_that_swallows_cancellation_still_ends_cancelled(
     assert (final.status, final.result) == (CANCELLED, None)
 
 
+async def test_a_wait_that_finds_its_robot_ended_elsewhere_leaves_no_waiter_behind(
+    storage_url: str,
+) -> None:
+    # An API process (no worker) and a worker on one store: the API's wait reads the robot
+    # the worker ended. A waiter left behind per waited robot would grow without end.
+    async with Orchestrator(flow_settings(storage_url, worker={"enabled": False})) as api, \
+            Orchestrator(flow_settings(storage_url), modules=[echo]):
+        for n in range(3):
+            robot = await api.process_robot("echo", {"n": n}, api_key=ALICE_KEY, timeout=30)
+            assert robot.status is SUCCEEDED
+            assert robot.result == {"echo": {"n": n}}
+        assert api._waiters == {}
+
+
 async def test_cancelling_a_finished_robot_is_a_conflict(sqlite_url: str) -> None:
     async with running_orchestrator(echo, settings=flow_settings(sqlite_url)) as orch:
         done = await orch.process_robot("echo", {"x": 1}, api_key=TEST_API_KEY, timeout=10)
