@@ -1018,20 +1018,22 @@ def _complete_batch(conn: sqlite3.Connection, completions: Sequence[Completion]
     """
     retrying = any(c.status is RobotStatus.QUEUED or c.scheduled_at is not None
                    or c.module is not None for c in completions)
+    # By orjson (json_bytes), as the audit batch: the batch and each result are encoded
+    # for every completion.
     rows = conn.execute(_Q["complete_robots" if retrying else "finish_robots"], {
-        "completions": json.dumps([
+        "completions": json_bytes([
             [c.robot_id, c.lease_token, str(c.status),
-             None if c.result is None else json.dumps(c.result), _error_json(c.error),
+             None if c.result is None else json_bytes(c.result).decode(), _error_json(c.error),
              c.finished_at.timestamp(), _ts(c.scheduled_at), c.module]
-            for c in completions])}).fetchall()
+            for c in completions]).decode()}).fetchall()
     ended = {row[0]: (float(row[1]), row[2], None if row[3] is None else json.loads(row[3]))
              for row in rows}
     done = [c for c in completions if c.robot_id in ended]
     if not done:
         return [None] * len(completions)  # every lease was gone: nothing written
-    conn.execute(_Q["finish_executions"], {"executions": json.dumps([
+    conn.execute(_Q["finish_executions"], {"executions": json_bytes([
         [c.lease_token, c.execution_status, c.finished_at.timestamp(), c.duration_ms,
-         _error_json(c.error)] for c in done])})
+         _error_json(c.error)] for c in done]).decode()})
     for completion in done:
         if completion.followup is not None:
             # In this transaction; an existing (parent_id, parent_trigger) is skipped.
