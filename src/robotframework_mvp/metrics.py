@@ -167,7 +167,7 @@ class _Collector:
         yield GaugeMetricFamily("rfmvp_audit_records_pending", "Audit records not yet written",
                                 value=orch.audit.pending)
         shared = {**orch.state.group_commits(), **orch.cache.group_commits(),
-                  "stored_key_reads": orch.security.stored_keys.lookups}
+                  **orch.security.stored_keys.group_commits()}
         trips = CounterMetricFamily(
             "rfmvp_shared_round_trips",
             "Round trips to the store or the cache made for calls that arrive together",

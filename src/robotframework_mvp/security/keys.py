@@ -25,6 +25,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
+from typing import Any
 
 import anyio
 
@@ -250,10 +251,10 @@ class StoredKeyBackend:
         return Principal(id=stored.principal, tenant=stored.tenant, scopes=stored.scopes,
                          key_prefix=prefix, rate_limit=stored.rate_limit)
 
-    @property
-    def lookups(self) -> GroupCommitter[str, ApiKey | None]:
-        """The shared reads of stored keys (for ``/metrics``)."""
-        return self._lookups
+    def group_commits(self) -> dict[str, GroupCommitter[Any, Any]]:
+        """The key reads that share round trips, by name, for ``/metrics`` (as the
+        StateManager's and the CacheManager's)."""
+        return {"stored_key_reads": self._lookups}
 
     async def _read_keys(self, prefixes: Sequence[str]) -> list[ApiKey | None]:
         read_many = getattr(self.driver, "get_api_keys_by_prefixes", None)
