@@ -11,10 +11,10 @@ on postgresql+redis, then on sqlite+memory, and one more pgqueuer run closes the
 round: each of our runs sits between two pgqueuer runs. Then one run on each store whose
 robots report progress (``--progress``: the ``state.update_progress`` step), one on
 postgresql+redis with a rate limit that admits everything (what the limiter costs when it
-is consulted, as deployed; shown, not judged), and
-``bench/http_load.py`` twice (sqlite+memory), once with the worker off, once on
-postgresql+redis, and once more there as an API process is deployed (worker off, a stored
-key, the limiter consulted; shown, not judged).
+is consulted, as deployed; shown, not judged), and ``bench/http_load.py`` twice
+(sqlite+memory), once with the worker off, once on postgresql+redis, and once more there
+as an API process is deployed (worker off, a stored key, the limiter consulted; shown,
+not judged).
 
 pgqueuer is run from the anchors directory (``shared/anchors``, outside this repository)
 with the virtualenv that its ``run.sh`` creates. Without them, only our runs are made.
@@ -98,6 +98,15 @@ def ours(store: str, label: str, *, progress: bool = False, rate_limited: bool =
                ROOT, label)
 
 
+def meets(value: float, kind: str, bound: float) -> bool:
+    """Whether ``value`` meets a ``"min"`` or ``"max"`` target of ``bound``."""
+    return value >= bound if kind == "min" else value <= bound
+
+
+def sign(kind: str) -> str:
+    return ">=" if kind == "min" else "<="
+
+
 def bracketing(label: str, anchors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The pgqueuer runs just before and after our run of round N (``"... N"``)."""
     round_ = label.rsplit(" ", 1)[-1]
@@ -128,9 +137,8 @@ def judge_against_pgqueuer(runs: list[dict[str, Any]], anchors: list[dict[str, A
             if r.get("storage") == store and around:
                 ratios.append(round(r[field] / (sum(around) / len(around)), 2))
         if ratios:
-            met = sum(1 for v in ratios if (v >= wanted if kind == "min" else v <= wanted))
-            sign = ">=" if kind == "min" else "<="
-            verdicts[f"{store} {field} {sign} {wanted:.2f}x pgqueuer's (same minutes)"] = {
+            met = sum(1 for v in ratios if meets(v, kind, wanted))
+            verdicts[f"{store} {field} {sign(kind)} {wanted:.2f}x pgqueuer's (same minutes)"] = {
                 "measured": ratios, "met": f"{met} of {len(ratios)}"}
     return verdicts
 
@@ -147,8 +155,8 @@ def judge(runs: list[dict[str, Any]], http: list[dict[str, Any]],
     verdicts: dict[str, Any] = {}
     for store, field, kind, bound in RUN_TARGETS:
         values = [r[field] for r in runs if r.get("storage") == store]
-        met = sum(1 for v in values if (v >= bound if kind == "min" else v <= bound))
-        verdicts[f"{store} {field} {'>=' if kind == 'min' else '<='} {bound:g}"] = {
+        met = sum(1 for v in values if meets(v, kind, bound))
+        verdicts[f"{store} {field} {sign(kind)} {bound:g}"] = {
             "measured": values, "met": f"{met} of {len(values)}"}
     for store in ("postgresql", "sqlite"):
         for step, bound in STEP_TARGETS.items():
