@@ -51,6 +51,7 @@ from ..models import (
     RobotStatus,
     Schedule,
     json_bytes,
+    new_id,
 )
 from ..resilience import (
     BreakerPolicy,
@@ -377,7 +378,7 @@ async def _fetchone(conn: Connection, query: str, params: dict[str, Any] | None 
 
 
 def _claimed_robot_params(robot: Robot, worker: str, now: datetime,
-                         lease_expires_at: datetime) -> dict[str, Any]:
+                         lease_expires_at: datetime, lease_token: str) -> dict[str, Any]:
     check_claimable([robot])
     followups = followups_json(robot)
     return {
@@ -388,26 +389,27 @@ def _claimed_robot_params(robot: Robot, worker: str, now: datetime,
         "lease_expires_at": lease_expires_at, "parent_id": robot.parent_id,
         "parent_trigger": robot.parent_trigger, "schedule_id": robot.schedule_id,
         "followups": None if followups is None else Jsonb(followups), "worker": worker,
+        "lease_token": lease_token,
     }
 
 
-def _claimed_robot_rows(robots: Sequence[Robot]) -> Jsonb:
+def _claimed_robot_rows(robots: Sequence[Robot], lease_tokens: Sequence[str]) -> Jsonb:
     """``insert_claimed_robots``' batch: one JSON array of rows, by orjson."""
     check_claimable(robots)
     return Jsonb([
         [r.id, r.kind, r.payload, r.owner, r.tenant, r.module, r.max_attempts, r.priority,
          r.created_at, r.scheduled_at, r.parent_id, r.parent_trigger, r.schedule_id,
-         followups_json(r)]
-        for r in robots], dumps=json_bytes)
+         followups_json(r), token]
+        for r, token in zip(robots, lease_tokens, strict=True)], dumps=json_bytes)
 
 
-def _created_claim(robot: Robot, row: DictRow | None, worker: str, now: datetime,
-                   lease_expires_at: datetime) -> Claim | None:
-    """The claim ``insert_claimed_robot`` made, from its (id, lease_token) row; None: the
-    id existed (a retried call whose first try committed), nothing was written."""
-    if row is None:
+def _created_claim(robot: Robot, inserted: bool, lease_token: str, worker: str,
+                   now: datetime, lease_expires_at: datetime) -> Claim | None:
+    """The claim ``insert_claimed_robot`` made; None: the id existed (a retried call
+    whose first try committed), nothing was written."""
+    if not inserted:
         return None
-    return created_claim(robot, lease_token=row["lease_token"], worker=worker, now=now,
+    return created_claim(robot, lease_token=lease_token, worker=worker, now=now,
                          lease_expires_at=lease_expires_at)
 
 
@@ -768,9 +770,12 @@ class PostgresDriver:
         self, robot: Robot, *, worker: str, now: datetime, lease_expires_at: datetime
     ) -> Claim | None:
         """Create a new robot and claim it for ``worker`` in one statement (see SQLite's)."""
-        params = _claimed_robot_params(robot, worker, now, lease_expires_at)
+        # The lease token (the execution's id) is made here, as SQLite's driver does: a
+        # retried statement then carries the same token as its first try.
+        token = new_id()
+        params = _claimed_robot_params(robot, worker, now, lease_expires_at, token)
         row = await self._write(lambda c: _fetchone(c, _Q["insert_claimed_robot"], params))
-        return _created_claim(robot, row, worker, now, lease_expires_at)
+        return _created_claim(robot, row is not None, token, worker, now, lease_expires_at)
 
     async def create_and_claim_many(
         self, robots: Sequence[Robot], *, worker: str, now: datetime,
@@ -781,12 +786,13 @@ class PostgresDriver:
             # The lone robot's own statement: atomic by itself, and it plans faster.
             return [await self.create_and_claim(robots[0], worker=worker, now=now,
                                                 lease_expires_at=lease_expires_at)]
-        batch = {"robots": _claimed_robot_rows(robots), "now": now,
+        tokens = [new_id() for _ in robots]
+        batch = {"robots": _claimed_robot_rows(robots, tokens), "now": now,
                  "lease_expires_at": lease_expires_at, "worker": worker}
         rows = await self._write(lambda c: _fetchall(c, _Q["insert_claimed_robots"], batch))
-        by_id = {row["id"]: row for row in rows}
-        return [_created_claim(r, by_id.get(r.id), worker, now, lease_expires_at)
-                for r in robots]
+        inserted = {row["id"] for row in rows}
+        return [_created_claim(r, r.id in inserted, token, worker, now, lease_expires_at)
+                for r, token in zip(robots, tokens, strict=True)]
 
     async def get_robot(self, robot_id: str) -> Robot | None:
         row = await self._read(lambda c: _fetchone(c, _Q["get_robot"], {"id": robot_id}))

@@ -38,9 +38,10 @@ SELECT ins.id, (SELECT count(*) FROM wake) AS woken FROM ins;
 -- name: insert_claimed_robot
 -- A new robot that this process's worker has a free slot for: created and started under a
 -- fresh lease in one statement, with its execution; no other worker ever sees it queued.
--- Only the id and the new lease token come back: the driver builds the rest from the
--- robot it wrote (driver.created_claim). Nothing comes back if the id exists (a retried
--- call whose first try committed).
+-- The lease token (the execution's id) comes from the driver, a UUIDv7 as the claims
+-- make. Only the id comes back: the driver builds the rest from the robot it wrote
+-- (driver.created_claim). Nothing comes back if the id exists (a retried call whose
+-- first try committed).
 WITH ins AS (
     INSERT INTO robots (id, kind, payload, owner, tenant, status, module, attempts,
                         max_attempts, priority, created_at, updated_at, started_at,
@@ -48,10 +49,7 @@ WITH ins AS (
                         parent_trigger, schedule_id, followups)
     VALUES (%(id)s, %(kind)s, %(payload)s, %(owner)s, %(tenant)s, 'running', %(module)s, 1,
             %(max_attempts)s, %(priority)s, %(created_at)s, %(now)s, %(now)s,
-            %(scheduled_at)s, encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) placing
-        substring(int8send((extract(epoch FROM %(now)s::timestamptz) * 1000)::bigint) FROM 3)
-        FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid::text,
-            %(lease_expires_at)s, %(parent_id)s,
+            %(scheduled_at)s, %(lease_token)s, %(lease_expires_at)s, %(parent_id)s,
             %(parent_trigger)s, %(schedule_id)s, %(followups)s)
     ON CONFLICT DO NOTHING
     RETURNING id, module, lease_token
@@ -59,20 +57,20 @@ WITH ins AS (
     INSERT INTO executions (id, robot_id, module, attempt, status, worker, started_at)
     SELECT lease_token, id, module, 1, 'running', %(worker)s, %(now)s FROM ins
 )
-SELECT id, lease_token FROM ins;
+SELECT id FROM ins;
 
 -- name: insert_claimed_robots
 -- insert_claimed_robot for a batch, in one statement: one JSON array of rows, each [id,
 -- kind, payload, owner, tenant, module, max_attempts, priority, created_at, scheduled_at,
--- parent_id, parent_trigger, schedule_id, followups]. A row whose id exists is skipped
--- and comes back absent.
+-- parent_id, parent_trigger, schedule_id, followups, lease_token]. A row whose id exists
+-- is skipped and comes back absent.
 WITH input AS (
     SELECT r ->> 0 AS id, r ->> 1 AS kind, r -> 2 AS payload, r ->> 3 AS owner,
            r ->> 4 AS tenant, r ->> 5 AS module, (r ->> 6)::integer AS max_attempts,
            (r ->> 7)::integer AS priority, (r ->> 8)::timestamptz AS created_at,
            (r ->> 9)::timestamptz AS scheduled_at, r ->> 10 AS parent_id,
            r ->> 11 AS parent_trigger, r ->> 12 AS schedule_id,
-           NULLIF(r -> 13, 'null'::jsonb) AS followups, n
+           NULLIF(r -> 13, 'null'::jsonb) AS followups, r ->> 14 AS lease_token, n
     FROM jsonb_array_elements(%(robots)s::jsonb) WITH ORDINALITY AS t(r, n)
 ), ins AS (
     INSERT INTO robots (id, kind, payload, owner, tenant, status, module, attempts,
@@ -80,10 +78,7 @@ WITH input AS (
                         scheduled_at, lease_token, lease_expires_at, parent_id,
                         parent_trigger, schedule_id, followups)
     SELECT id, kind, payload, owner, tenant, 'running', module, 1, max_attempts, priority,
-           created_at, %(now)s, %(now)s, scheduled_at,
-           encode(set_bit(set_bit(overlay(uuid_send(gen_random_uuid()) placing
-        substring(int8send((extract(epoch FROM %(now)s::timestamptz) * 1000)::bigint) FROM 3)
-        FROM 1 FOR 6), 52, 1), 53, 1), 'hex')::uuid::text,
+           created_at, %(now)s, %(now)s, scheduled_at, lease_token,
            %(lease_expires_at)s, parent_id, parent_trigger, schedule_id, followups
     FROM input ORDER BY n
     ON CONFLICT DO NOTHING
