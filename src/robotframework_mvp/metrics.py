@@ -181,6 +181,22 @@ class _Collector:
             items.add_metric([kind], committer.written)
         yield trips
         yield items
+        remote = orch.remote_ends
+        yield GaugeMetricFamily(
+            "rfmvp_remote_ends_subscribed",
+            "1 while this process hears the robots that end in other processes",
+            value=1 if remote.subscribed else 0)
+        yield CounterMetricFamily(
+            "rfmvp_remote_ends_announcements",
+            "Announcements of robots ended in other processes that this process heard",
+            value=remote.announcements)
+        yield CounterMetricFamily(
+            "rfmvp_remote_ends_robots", "Robot ids in those announcements",
+            value=remote.ids_heard)
+        yield CounterMetricFamily(
+            "rfmvp_remote_ends_subscriptions",
+            "Subscriptions made (more than one: made again after a lost connection)",
+            value=remote.subscriptions)
         worker = orch.worker
         yield GaugeMetricFamily("rfmvp_worker_running", "Robots running in this process",
                                 value=len(worker.running))

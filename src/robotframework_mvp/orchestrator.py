@@ -53,6 +53,7 @@ from .models import (
 from .modules import Module
 from .performance import PerformanceTracker
 from .plugins import build_plugin_manager, call_observers, collect_modules
+from .remote_ends import RemoteEnds
 from .resilience import CircuitBreaker
 from .scheduling import ScheduleApi, SchedulePage, Scheduler
 from .security.audit import AuditLog
@@ -77,6 +78,11 @@ class Page:
 
     items: list[Robot]
     next_cursor: str | None
+
+
+#: a wait for a robot run elsewhere reads the store after the first of these (seconds),
+#: then at doubling intervals up to the second: the fallback for announcements not heard
+_WAIT_POLL = (0.05, 0.5)
 
 
 class _Waiter:
@@ -178,6 +184,8 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                     tg.start_soon(self.audit.run)
                     tg.start_soon(self.loop_lag.run)
                     tg.start_soon(self.cache.run_writer)
+                    self.remote_ends = RemoteEnds(self.cache, self._wake_waiters)
+                    await tg.start(self.remote_ends.run)
                     tg.start_soon(self.security.run)
                     from .background import BackgroundLoops
 
@@ -731,28 +739,51 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
     async def _wait_until_terminal(self, robot: Robot, timeout: float) -> Robot:
         if robot.is_terminal or timeout <= 0:
             return robot
-        # A robot finished by this process hands itself to the waiter at once (no read);
-        # one finished by another process is seen by polling the store, backing off.
+        # A robot finished by this process hands itself to the waiter at once (no read).
+        # One finished by another process wakes the waiter through an announcement on
+        # the shared cache (remote_ends), and the waiter reads it from the store; the
+        # store is also polled, backing off, in case an announcement never comes.
         waiter = self._waiters.get(robot.id)
         if waiter is None:
             waiter = self._waiters[robot.id] = _Waiter()
-        poll = 0.05
+        if robot.id not in self.worker.running:  # not run here, at least not yet
+            self.remote_ends.want()
+            if self.remote_ends.ended_recently(robot.id):
+                waiter.event.set()
+        poll, longest_poll = _WAIT_POLL
         with anyio.move_on_after(timeout):
             while True:
                 with anyio.move_on_after(poll):
                     await waiter.event.wait()
                 if waiter.robot is not None:
                     return waiter.robot
+                woken = waiter.event.is_set()
                 current = await self.state.get_robot(robot.id, fresh=True)
                 if current is not None:
                     robot = current
+                if waiter.robot is not None:  # ended here while the store was read
+                    return waiter.robot
                 if robot.is_terminal:
                     # Ended in another process: nothing here will pop its waiter.
                     self._waiters.pop(robot.id, None)
                     return robot
-                poll = min(poll * 2, 0.5)
+                if woken:  # woken, yet not ended (a subscription made anew): wait again
+                    waiter.event = anyio.Event()
+                else:
+                    poll = min(poll * 2, longest_poll)
         self._waiters.pop(robot.id, None)
         return robot
+
+    def _wake_waiters(self, robot_ids: Iterable[str] | None) -> None:
+        """Wake the waits for ``robot_ids`` (all of them for None): each reads its robot."""
+        waiters = self._waiters
+        if robot_ids is None:
+            for waiter in waiters.values():
+                waiter.event.set()
+            return
+        for robot_id in robot_ids:
+            if (found := waiters.get(robot_id)) is not None:
+                found.event.set()
 
     def require_admin(self, principal: Principal) -> None:
         if not principal.is_admin:

@@ -278,7 +278,7 @@ class Scheduler:
         self.fired += len(created)
         late_by_id = {robot.id: fire for fire, robot in fires}
         if created:
-            await orch.cache.set_robots(created)
+            await orch.cache.set_robots(created, only_new=True)
         for robot in created:
             fire = late_by_id[robot.id]
             orch.audit.record(

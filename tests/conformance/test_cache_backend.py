@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 
 import anyio
 import pytest
+import redis.asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -22,6 +23,7 @@ from robotframework_mvp.cache.backend import (
     gcra,
     rate_limit_many,
 )
+from robotframework_mvp.cache.redis import RedisBackend
 from robotframework_mvp.config import Settings
 from robotframework_mvp.plugins import BuiltinPlugin
 
@@ -412,3 +414,67 @@ async def test_rate_limit_many_decides_as_rate_limit_one_after_another(
     assert [(d.allowed, d.remaining) for d in decisions] == [
         (True, 1), (True, 0), (True, 0), (False, 0), (False, 0)]
     assert (await backend.rate_limit(key("a"), 2, 60.0)).allowed is False
+
+
+# --- writes that other processes hear (Redis) ---------------------------------------------
+
+
+@pytest.fixture
+async def redis_backend(redis_url: str, anyio_backend: str) -> AsyncIterator[RedisBackend]:
+    built = RedisBackend(redis_url)
+    await built.open()
+    try:
+        yield built
+    finally:
+        await built.close()
+
+
+async def test_write_many_keeps_existing_keys_of_only_new_and_replaces_the_others(
+    redis_backend: RedisBackend, key: Keys,
+) -> None:
+    await redis_backend.set_many([(key("kept"), b"newer"), (key("replaced"), b"old")], 60)
+    await redis_backend.write_many([(key("replaced"), b"new")],
+                                   [(key("kept"), b"first"), (key("fresh"), b"first")], 60)
+    assert await redis_backend.get(key("kept")) == b"newer"
+    assert await redis_backend.get(key("replaced")) == b"new"
+    assert await redis_backend.get(key("fresh")) == b"first"
+
+
+async def test_a_subscriber_hears_an_announcement_after_the_values_it_came_with(
+    redis_backend: RedisBackend, key: Keys,
+) -> None:
+    channel = key("announcements")
+    assert await redis_backend.write_many([], [], 60, (channel, b"nobody")) == 0
+    async with redis_backend.subscribe(channel) as subscription:
+        heard_by = await redis_backend.write_many(
+            [(key("a"), b"1")], [(key("b"), b"2")], 60, (channel, b"a b"))
+        assert heard_by == 1
+        with anyio.fail_after(5):
+            message = await subscription.receive(5)
+        assert message == b"a b"
+        # Set in the same script, before the message went out.
+        assert await redis_backend.get(key("a")) == b"1"
+        assert await redis_backend.get(key("b")) == b"2"
+
+
+async def test_an_idle_subscription_answers_none_and_then_fails_once_its_connection_dies(
+    redis_backend: RedisBackend, key: Keys, redis_url: str,
+) -> None:
+    """A subscriber must learn that it may have missed messages: a killed connection
+    raises (redis-py reconnecting by itself is reported the same way)."""
+    channel = key("announcements")
+    async with redis_backend.subscribe(channel) as subscription:
+        assert await subscription.receive(0.05) is None  # idle: nothing, and a PING sent
+        killer = redis.asyncio.Redis.from_url(redis_url)
+        try:
+            killed = await killer.client_kill_filter(_type="pubsub")
+        finally:
+            await killer.aclose()
+        assert killed >= 1
+        async def until_it_fails() -> None:
+            while True:
+                await subscription.receive(0.05)
+
+        with anyio.fail_after(10):
+            with pytest.raises(ConnectionError):
+                await until_it_fails()

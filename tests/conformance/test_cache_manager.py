@@ -510,10 +510,12 @@ class GatedRedisBackend(RedisBackend):
         self.writing = anyio.Event()
         self.gate = anyio.Event()
 
-    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+    async def write_many(self, items: Sequence[tuple[str, bytes]],
+                         only_new: Sequence[tuple[str, bytes]], ttl: float,
+                         announce: tuple[str, bytes] | None = None) -> int:
         self.writing.set()
         await self.gate.wait()
-        await super().set_many(items, ttl)
+        return await super().write_many(items, only_new, ttl, announce)
 
 
 async def test_stopping_the_writer_mid_write_still_stores_the_newest_state(
@@ -545,3 +547,85 @@ async def test_stopping_the_writer_mid_write_still_stores_the_newest_state(
         assert cached.status is RobotStatus.SUCCEEDED
     finally:
         await backend.close()
+
+
+# --- states written by several processes (Redis) -----------------------------------------
+
+
+@pytest.fixture
+async def two_processes(
+    redis_url: str, redis_prefix: str, anyio_backend: str
+) -> AsyncIterator[tuple[CacheManager, CacheManager]]:
+    """Two managers on one Redis and prefix: an API process and a worker process."""
+    backends = [RedisBackend(redis_url), RedisBackend(redis_url)]
+    for backend in backends:
+        await backend.open()
+    try:
+        yield (CacheManager(backends[0], CacheConfig(key_prefix=redis_prefix)),
+               CacheManager(backends[1], CacheConfig(key_prefix=redis_prefix)))
+    finally:
+        for backend in backends:
+            await backend.close()
+
+
+@pytest.mark.parametrize("behind", [False, True], ids=["written-at-once", "written-behind"])
+async def test_a_new_robots_first_state_never_replaces_what_another_process_wrote(
+    two_processes: tuple[CacheManager, CacheManager], behind: bool,
+) -> None:
+    """The API process caches a robot it created as queued, behind the request path; a
+    worker elsewhere may finish it first. Its ``succeeded`` must stay: read back as
+    ``queued`` it would be wrong for RFMVP_CACHE_TTL_ROBOT_STATUS (30 s)."""
+    api, worker = two_processes
+    robot = a_robot(status=RobotStatus.QUEUED, attempts=0, lease_token=None)
+    succeeded = attrs.evolve(robot, status=RobotStatus.SUCCEEDED, attempts=1)
+    async with anyio.create_task_group() as tg:
+        if behind:
+            tg.start_soon(api.run_writer)
+            await anyio.wait_all_tasks_blocked()
+            await api.set_robots([robot], only_new=True)  # waits in the writer
+            await worker.set_robots([succeeded])
+            await api.flush()
+        else:
+            await worker.set_robots([succeeded])
+            await api.set_robots([robot], only_new=True)
+        tg.cancel_scope.cancel()
+    cached = await api.get_robot(robot.id)
+    assert cached is not None
+    assert cached.status is RobotStatus.SUCCEEDED
+
+
+async def test_a_change_made_here_replaces_a_first_state_still_waiting_to_be_written(
+    two_processes: tuple[CacheManager, CacheManager],
+) -> None:
+    api, _ = two_processes
+    robot = a_robot(status=RobotStatus.QUEUED, attempts=0, lease_token=None)
+    running = attrs.evolve(robot, status=RobotStatus.RUNNING, attempts=1)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(api.run_writer)
+        await anyio.wait_all_tasks_blocked()
+        await api.set_robots([robot], only_new=True)
+        await api.set_robots([running])
+        await api.set_robots([robot], only_new=True)  # a late read: older than the change
+        await api.flush()
+        tg.cancel_scope.cancel()
+    cached = await api.get_robot(robot.id)
+    assert cached is not None
+    assert cached.status is RobotStatus.RUNNING
+
+
+async def test_robots_that_end_are_announced_with_their_write_and_reads_are_not(
+    two_processes: tuple[CacheManager, CacheManager],
+) -> None:
+    api, worker = two_processes
+    assert api.publisher is not None
+    ended = a_robot(status=RobotStatus.SUCCEEDED)
+    failed = a_robot(status=RobotStatus.FAILED)
+    async with api.publisher.subscribe(api.ended_channel) as subscription:
+        await worker.set_robots([a_robot(status=RobotStatus.RUNNING)])  # not ended
+        await worker.set_robots([a_robot(status=RobotStatus.SUCCEEDED)], only_new=True)  # read
+        await worker.set_robots([ended, failed])
+        with anyio.fail_after(5):
+            message = await subscription.receive(5)
+        assert message is not None
+        assert sorted(message.decode().split()) == sorted([ended.id, failed.id])
+        assert await subscription.receive(0.05) is None  # nothing else was announced

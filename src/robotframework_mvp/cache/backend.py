@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
 import attrs
 
-__all__ = ["CacheBackend", "RateCheck", "RateDecision", "gcra", "get_many",
-           "rate_limit_many"]
+__all__ = ["CacheBackend", "Publisher", "RateCheck", "RateDecision", "Subscription", "gcra",
+           "get_many", "rate_limit_many"]
 
 
 @attrs.frozen
@@ -74,6 +75,39 @@ class CacheBackend(Protocol):
 
     async def rate_limit(self, key: str, count: int, period: float, cost: int = 1) -> RateDecision:
         """Check and count one request against ``count`` per ``period`` atomically."""
+
+
+class Subscription(Protocol):
+    """Messages published on one channel, from the moment the subscription was confirmed."""
+
+    async def receive(self, timeout: float) -> bytes | None:
+        """The next message, or None when none came within ``timeout`` seconds.
+
+        Raises ``ConnectionError`` when the connection was lost or had to be made again:
+        messages published meanwhile may be missing, so the caller re-checks what it
+        waited for.
+        """
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    """A shared backend that can also tell the other processes sharing it something.
+
+    Optional (Redis has it). The CacheManager writes robot states with it: a robot's
+    first state (or one read from the store) never replaces a state another process
+    wrote meanwhile, and the robots that ended are announced with the write that caches
+    them, so that a process waiting for one run elsewhere hears it at once.
+    """
+
+    async def write_many(self, items: Sequence[tuple[str, bytes]],
+                         only_new: Sequence[tuple[str, bytes]], ttl: float,
+                         announce: tuple[str, bytes] | None = None) -> int:
+        """In one round trip and in this order: set ``items``' keys; set those of
+        ``only_new`` that do not exist; publish ``announce`` (channel, message). Keys
+        expire after ``ttl`` seconds. Returns how many subscribers heard the message."""
+
+    def subscribe(self, channel: str) -> AbstractAsyncContextManager[Subscription]:
+        """Subscribe to ``channel``; entered once the server confirmed it."""
 
 
 async def get_many(backend: CacheBackend, keys: Sequence[str]) -> list[bytes | None]:

@@ -24,6 +24,7 @@ from ..models import JSONObject, Robot
 from ..resilience import BreakerPolicy, CircuitBreaker
 from .backend import (
     CacheBackend,
+    Publisher,
     RateCheck,
     RateDecision,
     get_many,
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: how long a robot state may wait before it is written to a shared cache
 _WRITE_BEHIND_SECONDS = 0.005
+#: a write of at most this many robot states means the writer is not busy
+_SMALL_WRITE = 8
 #: robots to and from a shared cache's JSON: the same document as ``models.converter`` and
 #: ``json`` make (datetimes in ISO 8601), in a fifth of the time. Payloads and results are
 #: JSON already (checked when they entered): orjson takes them as they are, uncopied.
@@ -60,12 +63,23 @@ class CacheManager:
         self.errors: Counter[str] = Counter()
         # The memory backend holds robots as the immutable objects they are.
         self._in_process = backend if isinstance(backend, MemoryBackend) else None
+        #: a shared backend that can publish: robots that end are announced on
+        #: ``ended_channel`` (their ids, space-separated) with the write that caches them,
+        #: so that processes waiting for them hear it at once (see ``remote_ends``)
+        self.publisher = backend if isinstance(backend, Publisher) else None
+        self.ended_channel = f"{self.prefix}robots:ended"
         # A shared backend gets robot states written behind the request path: the newest
         # state of each robot waits here (read back by this process) until ``run_writer``
         # serializes them and sends them all in one round trip. A robot that moves on
         # meanwhile (running, then succeeded) is serialized and sent once, in its newest state.
         self._pending: dict[str, Robot] = {}
+        #: ids in ``_pending`` whose state must not replace an existing one (set_robots)
+        self._pending_new: set[str] = set()
         self._pending_wake: anyio.Event | None = None
+        #: set when a robot that ended waits to be written (and announced)
+        self._ended_pending = anyio.Event()
+        #: whether the last announcement reached a subscriber (a process waiting)
+        self._ends_heard = False
         self._rate_checks = GroupCommitter(self._check_rates, first_turn=False)
         self._robot_reads = GroupCommitter(self._read_many, first_turn=False)
         self.breaker = CircuitBreaker(
@@ -134,6 +148,7 @@ class CacheManager:
     async def delete(self, namespace: str, key: str) -> None:
         if namespace == "robot":
             self._pending.pop(key, None)
+            self._pending_new.discard(key)
         if not self.breaker.allow():
             self.errors[namespace] += 1
             return
@@ -178,20 +193,36 @@ class CacheManager:
     async def set_robot(self, robot: Robot) -> None:
         await self.set_robots([robot])
 
-    async def set_robots(self, robots: Sequence[Robot]) -> None:
-        """Cache robots' current state in one round trip (never their lease tokens)."""
+    async def set_robots(self, robots: Sequence[Robot], *, only_new: bool = False) -> None:
+        """Cache robots' current state in one round trip (never their lease tokens).
+
+        ``only_new``: states that must not replace one another process wrote meanwhile:
+        a robot's first state (this process just created it) or one read from the store.
+        On a shared cache, a worker elsewhere may finish a new robot before this
+        process's write behind goes out; its ``succeeded`` must not turn back into
+        ``queued`` for ``RFMVP_CACHE_TTL_ROBOT_STATUS``.
+        """
         if self._in_process is not None:
             # As they are: get_robot strips a lease token on the way out (rarer than writes).
             for robot in robots:
                 self._in_process.set_object(f"{self.prefix}robot:{robot.id}", robot,
                                             self._ttl(robot))
             return
-        if self._pending_wake is not None:
-            for robot in robots:
-                self._pending[robot.id] = robot
-            self._pending_wake.set()
+        if self._pending_wake is None:
+            await self._write_robots(robots, {r.id for r in robots} if only_new else set())
             return
-        await self._write_robots(robots)
+        pending, pending_new = self._pending, self._pending_new
+        for robot in robots:
+            if only_new:
+                if robot.id in pending and robot.id not in pending_new:
+                    continue  # a change made here is newer
+                pending_new.add(robot.id)
+            else:
+                pending_new.discard(robot.id)
+                if robot.status.is_terminal and self.publisher is not None:
+                    self._ended_pending.set()
+            pending[robot.id] = robot
+        self._pending_wake.set()
 
     def _ttl(self, robot: Robot) -> float:
         """A robot still moving is read often; a finished one rarely (and keeps in the store)."""
@@ -199,25 +230,65 @@ class CacheManager:
         return config.ttl_robot_finished if robot.status.is_terminal \
             else config.ttl_robot_status
 
-    async def _write_robots(self, robots: Sequence[Robot]) -> None:
-        by_ttl: dict[float, list[tuple[str, bytes]]] = {}
+    async def _write_robots(self, robots: Sequence[Robot], only_new: set[str]) -> None:
+        """Write robot states, grouped by TTL: one round trip per group. With a backend
+        that can publish, states in ``only_new`` do not replace existing ones, and the
+        robots that ended here are announced on ``ended_channel`` in the same trip."""
+        groups: dict[float, tuple[list[tuple[str, bytes]], list[tuple[str, bytes]],
+                                  list[str]]] = {}
         for robot in robots:
             data = _ROBOT_JSON.unstructure(robot)
             data["lease_token"] = None  # a lease token never leaves the store
-            by_ttl.setdefault(self._ttl(robot), []).append((robot.id, orjson.dumps(data)))
-        for ttl, items in by_ttl.items():
-            await self.set_many_bytes("robot", items, ttl)
+            items, new, ended = groups.setdefault(self._ttl(robot), ([], [], []))
+            entry = (f"{self.prefix}robot:{robot.id}", orjson.dumps(data))
+            if robot.id in only_new:
+                new.append(entry)
+            else:
+                items.append(entry)
+                if robot.status.is_terminal:
+                    ended.append(robot.id)
+        for ttl, (items, new, ended) in groups.items():
+            await self._write_robot_group(items, new, ended, ttl)
+
+    async def _write_robot_group(self, items: list[tuple[str, bytes]],
+                                 new: list[tuple[str, bytes]], ended: list[str],
+                                 ttl: float) -> None:
+        if not self.breaker.allow():
+            self.errors["robot"] += 1
+            return
+        try:
+            if self.publisher is None:
+                await self.backend.set_many(items + new, ttl)
+            else:
+                announce = (self.ended_channel, " ".join(ended).encode()) if ended else None
+                heard_by = await self.publisher.write_many(items, new, ttl, announce)
+                if announce is not None:
+                    self._ends_heard = heard_by > 0
+        except Exception as exc:
+            self._failed("robot", exc)
+            return
+        self.breaker.record_success()
 
     async def run_writer(self) -> None:
         """Write robot states behind the request path until cancelled (then flush)."""
         self._pending_wake = anyio.Event()
+        last_write = 0
         try:
             while True:
                 await self._pending_wake.wait()
                 # A moment's pause lets a robot's quick successive states (created,
-                # running, succeeded) coalesce into one write of the newest.
-                await anyio.sleep(_WRITE_BEHIND_SECONDS)
+                # running, succeeded) coalesce into one write of the newest. A robot that
+                # ended cuts it short while its announcement has listeners (processes
+                # waiting for robots run here) and writes are small: nothing more will
+                # come for that robot. Under load, writes keep coming a pause apart.
+                if self._ends_heard and last_write <= _SMALL_WRITE:
+                    with anyio.move_on_after(_WRITE_BEHIND_SECONDS):
+                        await self._ended_pending.wait()
+                else:
+                    await anyio.sleep(_WRITE_BEHIND_SECONDS)  # a cancel scope costs more
+                last_write = len(self._pending)
                 self._pending_wake = anyio.Event()
+                self._ended_pending = anyio.Event()
                 # A write under way finishes: cut off, the states it took would be lost
                 # and the cache would keep an older one for its TTL.
                 with anyio.CancelScope(shield=True):
@@ -234,7 +305,8 @@ class CacheManager:
     async def _flush_pending(self) -> None:
         if self._pending:
             robots, self._pending = list(self._pending.values()), {}
-            await self._write_robots(robots)
+            only_new, self._pending_new = self._pending_new, set()
+            await self._write_robots(robots, only_new)
 
     # -- rate limits -------------------------------------------------------------------
 

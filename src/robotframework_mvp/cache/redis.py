@@ -17,15 +17,19 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import PubSub
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .backend import RateCheck, RateDecision
 
-__all__ = ["RedisBackend"]
+__all__ = ["RedisBackend", "RedisSubscription"]
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +53,27 @@ def _pool_options() -> dict[str, Any]:
 #: that never closed the socket, instead of waiting out ``socket_timeout`` on a command)
 _HEALTH_CHECK_INTERVAL = 30
 
-#: set each KEYS[i] to ARGV[i + 1], expiring in ARGV[1] ms: one command for a batch, which
-#: costs the client far less than a pipeline of SETs (one reply to parse, not one per key)
-_SET_MANY_LUA = """
+#: set each KEYS[i] to ARGV[i + 2], expiring in ARGV[1] ms; the first ARGV[2] keys only
+#: where they do not exist (NX). One command for a batch costs the client far less than a
+#: pipeline of SETs (one reply to parse, not one per key). With two more arguments, then
+#: publish the last on the channel named by the one before, and return how many
+#: subscribers heard it: one woken by it reads the values just set. Publishing to a
+#: channel nobody listens on costs Redis a lookup.
+_WRITE_MANY_LUA = """
+local new = tonumber(ARGV[2])
 for i, key in ipairs(KEYS) do
-    redis.call('SET', key, ARGV[i + 1], 'PX', ARGV[1])
+    if i <= new then
+        redis.call('SET', key, ARGV[i + 2], 'PX', ARGV[1], 'NX')
+    else
+        redis.call('SET', key, ARGV[i + 2], 'PX', ARGV[1])
+    end
 end
-return #KEYS
+if #ARGV == #KEYS + 4 then
+    return redis.call('PUBLISH', ARGV[#KEYS + 3], ARGV[#KEYS + 4])
+end
+return 0
 """
+
 
 # ``gcra()`` from backend.py, statement for statement, for each check in turn: KEYS[i]
 # holds a theoretical arrival time (TAT) as a float string; ARGV[3i-2..3i] are that
@@ -96,6 +113,45 @@ return out
 """
 
 
+class RedisSubscription:
+    """``Subscription`` on a redis-py ``PubSub`` (see ``RedisBackend.subscribe``)."""
+
+    def __init__(self, pubsub: PubSub) -> None:
+        self._pubsub = pubsub
+        self._ping_unanswered = False
+
+    async def receive(self, timeout: float) -> bytes | None:
+        """The next message, or None after ``timeout`` s. An idle wait ends with a PING;
+        no answer by the end of the next one means the connection is dead (a peer gone
+        without closing it would otherwise leave this waiting for good)."""
+        deadline = anyio.current_time() + timeout
+        while (remaining := deadline - anyio.current_time()) > 0:
+            try:
+                message = await self._pubsub.get_message(timeout=remaining)
+            except RedisConnectionError as exc:
+                raise ConnectionError(f"the subscription's connection was lost: {exc}") \
+                    from exc
+            if message is None:
+                continue
+            kind = message["type"]
+            if kind == "message":
+                return bytes(message["data"])
+            if kind == "pong":
+                self._ping_unanswered = False
+            elif kind == "subscribe":
+                # redis-py reconnected and subscribed again: a gap we cannot see into.
+                raise ConnectionError("the subscription was made again after a lost "
+                                      "connection; messages may be missing")
+        if self._ping_unanswered:
+            raise ConnectionError("Redis did not answer a PING on the subscription")
+        self._ping_unanswered = True
+        try:
+            await self._pubsub.ping()
+        except RedisConnectionError as exc:
+            raise ConnectionError(f"the subscription's connection was lost: {exc}") from exc
+        return None
+
+
 class RedisBackend:
     """Cache entries and rate limits in Redis, shared by every process that uses it."""
 
@@ -125,7 +181,7 @@ class RedisBackend:
         self.client_name = client_name
         self._client: Redis | None = None
         self._gcra: AsyncScript | None = None
-        self._set_many: AsyncScript | None = None
+        self._write_many: AsyncScript | None = None
 
     def __repr__(self) -> str:
         # Never show the URL: it may carry a password.
@@ -157,7 +213,7 @@ class RedisBackend:
         )
         self._client = Redis.from_pool(pool)  # the client owns and closes the pool
         self._gcra = self._client.register_script(_GCRA_LUA)
-        self._set_many = self._client.register_script(_SET_MANY_LUA)
+        self._write_many = self._client.register_script(_WRITE_MANY_LUA)
         try:
             await self._client.ping()
         except Exception as exc:
@@ -169,7 +225,7 @@ class RedisBackend:
             )
 
     async def close(self) -> None:
-        client, self._client, self._gcra, self._set_many = self._client, None, None, None
+        client, self._client, self._gcra, self._write_many = self._client, None, None, None
         if client is not None:
             await client.aclose()
 
@@ -192,16 +248,42 @@ class RedisBackend:
         await self.client.set(key, value, px=max(1, math.ceil(ttl * 1000)))
 
     async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
-        if not items:
-            return
-        if ttl <= 0:
-            await self.client.delete(*(key for key, _ in items))
-            return
-        script = self._set_many
+        await self.write_many(items, (), ttl)
+
+    async def write_many(self, items: Sequence[tuple[str, bytes]],
+                         only_new: Sequence[tuple[str, bytes]], ttl: float,
+                         announce: tuple[str, bytes] | None = None) -> int:
+        """``Publisher.write_many``: one script call."""
+        script = self._write_many
         if script is None:
             raise RuntimeError("RedisBackend is not open; call open() first")
+        if ttl <= 0:  # expired on arrival, as in the memory backend
+            if items:
+                await self.client.delete(*(key for key, _ in items))
+            return 0 if announce is None else int(await self.client.publish(*announce))
+        if not items and not only_new:
+            return 0 if announce is None else int(await self.client.publish(*announce))
         px = max(1, math.ceil(ttl * 1000))
-        await script(keys=[key for key, _ in items], args=[px, *(value for _, value in items)])
+        ordered = [*only_new, *items]
+        return int(await script(
+            keys=[key for key, _ in ordered],
+            args=[px, len(only_new), *(value for _, value in ordered),
+                  *(announce or ())]))
+
+    @asynccontextmanager
+    async def subscribe(self, channel: str) -> AsyncIterator[RedisSubscription]:
+        """A subscription on a connection of its own, entered once Redis confirmed it."""
+        pubsub = self.client.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            with anyio.fail_after(self.connect_timeout + self.socket_timeout):
+                while (message := await pubsub.get_message(timeout=None)) is None \
+                        or message["type"] != "subscribe":
+                    pass
+            yield RedisSubscription(pubsub)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def delete(self, *keys: str) -> None:
         if keys:

@@ -53,7 +53,7 @@ class StateManager:
         # submitted meanwhile.
         with self.tracker.measure("state.create_robot"):
             robot, is_new = await self._creates.write(robots[0])
-        await self.cache.set_robots([robot])
+        await self.cache.set_robots([robot], only_new=True)
         return [(robot, is_new)]
 
     async def _create_many(self, robots: Sequence[Robot]
@@ -94,7 +94,7 @@ class StateManager:
                                      attributes={"rfmvp.module": claim.execution.module,
                                                  "rfmvp.claimed": 1,
                                                  "rfmvp.created_claimed": True})
-            await self.cache.set_robots([claim.robot])
+            await self.cache.set_robots([claim.robot], only_new=True)
         return claim
 
     async def _create_and_claim_many(
@@ -138,7 +138,7 @@ class StateManager:
                 return cached
         robot = await self.driver.get_robot(robot_id)
         if robot is not None and robot.is_terminal:
-            await self.cache.set_robot(robot)
+            await self.cache.set_robots([robot], only_new=True)
         return robot
 
     async def list_robots(
@@ -252,7 +252,7 @@ class StateManager:
     async def create_followups(self, robots: Sequence[Robot]) -> list[Robot]:
         """Chain children of ended parents; one that exists already is skipped."""
         created = await self.driver.create_followups(robots)
-        await self.cache.set_robots(created)
+        await self.cache.set_robots(created, only_new=True)
         return created
 
     async def next_due_at(self, modules: Sequence[str]) -> datetime | None:
