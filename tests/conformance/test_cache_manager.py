@@ -568,6 +568,11 @@ async def two_processes(
             await backend.close()
 
 
+async def cached_status(manager: CacheManager, robot_id: str) -> RobotStatus | None:
+    cached = await manager.get_robot(robot_id)
+    return None if cached is None else cached.status
+
+
 @pytest.mark.parametrize("behind", [False, True], ids=["written-at-once", "written-behind"])
 async def test_a_new_robots_first_state_never_replaces_what_another_process_wrote(
     two_processes: tuple[CacheManager, CacheManager], behind: bool,
@@ -589,9 +594,7 @@ async def test_a_new_robots_first_state_never_replaces_what_another_process_wrot
             await worker.set_robots([succeeded])
             await api.set_robots([robot], only_new=True)
         tg.cancel_scope.cancel()
-    cached = await api.get_robot(robot.id)
-    assert cached is not None
-    assert cached.status is RobotStatus.SUCCEEDED
+    assert await cached_status(api, robot.id) is RobotStatus.SUCCEEDED
 
 
 async def test_a_change_made_here_replaces_a_first_state_still_waiting_to_be_written(
@@ -608,9 +611,7 @@ async def test_a_change_made_here_replaces_a_first_state_still_waiting_to_be_wri
         await api.set_robots([robot], only_new=True)  # a late read: older than the change
         await api.flush()
         tg.cancel_scope.cancel()
-    cached = await api.get_robot(robot.id)
-    assert cached is not None
-    assert cached.status is RobotStatus.RUNNING
+    assert await cached_status(api, robot.id) is RobotStatus.RUNNING
 
 
 async def test_robots_that_end_are_announced_with_their_write_and_reads_are_not(
