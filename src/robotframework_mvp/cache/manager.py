@@ -130,21 +130,6 @@ class CacheManager:
             return
         self.breaker.record_success()
 
-    async def set_many_bytes(self, namespace: str, items: Sequence[tuple[str, bytes]],
-                             ttl: float) -> None:
-        if not items:
-            return
-        if not self.breaker.allow():
-            self.errors[namespace] += 1
-            return
-        try:
-            await self.backend.set_many(
-                [(f"{self.prefix}{namespace}:{key}", value) for key, value in items], ttl)
-        except Exception as exc:
-            self._failed(namespace, exc)
-            return
-        self.breaker.record_success()
-
     async def delete(self, namespace: str, key: str) -> None:
         if namespace == "robot":
             self._pending.pop(key, None)
