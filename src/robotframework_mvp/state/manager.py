@@ -39,9 +39,7 @@ class StateManager:
         self._completions = GroupCommitter(self._complete_many)
         self._progress = GroupCommitter(self._update_progress_many)
         self._creates = GroupCommitter(self._create_many)
-        # A robot is created claimed only while this process's worker has a free slot:
-        # its write goes out at once, and submissions ready meanwhile join the next one.
-        self._creates_claimed = GroupCommitter(self._create_and_claim_many, first_turn=False)
+        self._creates_claimed = GroupCommitter(self._create_and_claim_many)
         self._claiming_driver = driver if isinstance(driver, CreatesClaimed) else None
 
     async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:

@@ -33,7 +33,7 @@ import psycopg
 import psycopg.errors
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.rows import DictRow, dict_row, tuple_row
+from psycopg.rows import DictRow, dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
 
@@ -363,41 +363,6 @@ def _execution_from_row(row: DictRow) -> Execution:
         duration_ms=row["duration_ms"],
         error=_error(row["error"]),
     )
-
-
-class _Positional:
-    """A ``%(name)s`` statement run with ``$n`` placeholders on a raw cursor, rows as tuples.
-
-    psycopg's named parameters and dict rows cost about 10 us of CPU a statement. The two
-    statements of a robot run alone, the latency path, go this way: creating it claimed
-    and completing it (docs/performance.md, session 10). Every other statement keeps the
-    readable form.
-    """
-
-    __slots__ = ("names", "sql")
-
-    def __init__(self, query: str) -> None:
-        if "%%" in query or re.search(r"%\(\w+\)b", query):
-            raise ValueError("only %(name)s placeholders can be made positional")
-        names: list[str] = []
-
-        def number(match: re.Match[str]) -> str:
-            if match.group(1) not in names:
-                names.append(match.group(1))
-            return f"${names.index(match.group(1)) + 1}"
-
-        self.sql = re.sub(r"%\((\w+)\)s", number, query)
-        self.names = tuple(names)
-
-    async def fetchone(self, conn: Connection, params: dict[str, Any]
-                       ) -> tuple[Any, ...] | None:
-        cursor = psycopg.AsyncRawCursor(conn, row_factory=tuple_row)
-        await cursor.execute(self.sql, [params[name] for name in self.names])
-        return await cursor.fetchone()
-
-
-_INSERT_CLAIMED_ROBOT = _Positional(_Q["insert_claimed_robot"])
-_COMPLETE_ROBOT = _Positional(_Q["complete_robot"])
 
 
 async def _fetchall(conn: Connection, query: str, params: dict[str, Any] | None = None
@@ -809,7 +774,7 @@ class PostgresDriver:
         # retried statement then carries the same token as its first try.
         token = new_id()
         params = _claimed_robot_params(robot, worker, now, lease_expires_at, token)
-        row = await self._write(lambda c: _INSERT_CLAIMED_ROBOT.fetchone(c, params))
+        row = await self._write(lambda c: _fetchone(c, _Q["insert_claimed_robot"], params))
         return _created_claim(robot, row is not None, token, worker, now, lease_expires_at)
 
     async def create_and_claim_many(
@@ -931,14 +896,13 @@ class PostgresDriver:
         or, for a caller without one, read back in the same transaction."""
         params = self._completion_params(c)
         if c.claimed is not None:
-            row = await _COMPLETE_ROBOT.fetchone(conn, params)
-            if row is None:
-                return None
-            _, progress, progress_message, result, _, _ = row
-            return ended_robot(c, c.claimed, progress=progress,
-                               progress_message=progress_message, result=result)
+            row = await _fetchone(conn, _Q["complete_robot"], params)
+            return None if row is None else ended_robot(
+                c, c.claimed, progress=row["progress"],
+                progress_message=row["progress_message"], result=row["result"])
         async with conn.transaction():
-            if await _COMPLETE_ROBOT.fetchone(conn, params) is None:
+            row = await _fetchone(conn, _Q["complete_robot"], params)
+            if row is None:
                 return None
             stored = await _fetchone(conn, _Q["get_robot"], {"id": c.robot_id})
         assert stored is not None  # the row is locked by the update until the commit
