@@ -181,6 +181,16 @@ class _Collector:
             items.add_metric([kind], committer.written)
         yield trips
         yield items
+        yield GaugeMetricFamily(
+            "rfmvp_waits_open", "Robots that waits in this process are waiting for",
+            value=orch.waits_open)
+        answers = CounterMetricFamily(
+            "rfmvp_wait_answers",
+            "Waits answered: here (ended in this process), heard (announced by another), "
+            "polled (found by a read of the store) or timed_out", labels=["how"])
+        for how in ("here", "heard", "polled", "timed_out"):
+            answers.add_metric([how], orch.wait_answers[how])
+        yield answers
         remote = orch.remote_ends
         yield GaugeMetricFamily(
             "rfmvp_remote_ends_subscribed",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import builtins
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -112,6 +113,10 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
         #: how late this process's event loop runs what is due (``rfmvp_event_loop_lag_*``)
         self.loop_lag = LoopLagMonitor(self.settings.background.loop_lag_interval)
         self._waiters: dict[str, _Waiter] = {}
+        #: how waits that waited were answered: ``here`` (the robot ended in this process),
+        #: ``heard`` (another process announced its end), ``polled`` (a read of the store
+        #: found it ended) or ``timed_out`` (for /metrics)
+        self.wait_answers: Counter[str] = Counter()
         self._modules_reload: anyio.Event | None = None  # set when the reload under way ends
         self._started = False
 
@@ -756,23 +761,32 @@ class Orchestrator(ScheduleApi, AsyncContextManagerMixin):
                 with anyio.move_on_after(poll):
                     await waiter.event.wait()
                 if waiter.robot is not None:
+                    self.wait_answers["here"] += 1
                     return waiter.robot
                 woken = waiter.event.is_set()
                 current = await self.state.get_robot(robot.id, fresh=True)
                 if current is not None:
                     robot = current
                 if waiter.robot is not None:  # ended here while the store was read
+                    self.wait_answers["here"] += 1
                     return waiter.robot
                 if robot.is_terminal:
                     # Ended in another process: nothing here will pop its waiter.
                     self._waiters.pop(robot.id, None)
+                    self.wait_answers["heard" if woken else "polled"] += 1
                     return robot
                 if woken:  # woken, yet not ended (a subscription made anew): wait again
                     waiter.event = anyio.Event()
                 else:
                     poll = min(poll * 2, longest_poll)
         self._waiters.pop(robot.id, None)
+        self.wait_answers["timed_out"] += 1
         return robot
+
+    @property
+    def waits_open(self) -> int:
+        """Robots that waits in this process are waiting for."""
+        return len(self._waiters)
 
     def _wake_waiters(self, robot_ids: Iterable[str] | None) -> None:
         """Wake the waits for ``robot_ids`` (all of them for None): each reads its robot."""

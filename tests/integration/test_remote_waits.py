@@ -60,6 +60,8 @@ async def test_a_wait_on_an_api_process_answers_as_soon_as_the_robot_ends_elsewh
             assert robot.result == {"done": True}
     assert api.remote_ends.subscribed
     assert api.remote_ends.ids_heard >= 5
+    assert api.wait_answers["heard"] == 5
+    assert api.wait_answers["polled"] == api.wait_answers["here"] == 0
     # A status read on the API process shows the end too: the API process's own cached
     # "queued", written behind, never replaced the worker's "succeeded".
     assert (await api.get(robot.id, api_key=TEST_API_KEY)).status is RobotStatus.SUCCEEDED
@@ -101,3 +103,4 @@ async def test_a_wait_on_a_robot_this_process_runs_needs_no_subscription(
         robot = await orch.process_robot("quick", {}, api_key=TEST_API_KEY, timeout=10)
         assert robot.status is RobotStatus.SUCCEEDED
         assert orch.remote_ends.subscriptions == 0
+        assert orch.wait_answers["here"] == 1
