@@ -13,6 +13,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -568,6 +569,16 @@ async def two_processes(
             await backend.close()
 
 
+@asynccontextmanager
+async def writing_behind(manager: CacheManager) -> AsyncIterator[None]:
+    """The manager's writer running, as in an orchestrator: robot states wait in it."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(manager.run_writer)
+        await anyio.wait_all_tasks_blocked()
+        yield
+        tg.cancel_scope.cancel()
+
+
 async def cached_status(manager: CacheManager, robot_id: str) -> RobotStatus | None:
     cached = await manager.get_robot(robot_id)
     return None if cached is None else cached.status
@@ -583,17 +594,14 @@ async def test_a_new_robots_first_state_never_replaces_what_another_process_wrot
     api, worker = two_processes
     robot = a_robot(status=RobotStatus.QUEUED, attempts=0, lease_token=None)
     succeeded = attrs.evolve(robot, status=RobotStatus.SUCCEEDED, attempts=1)
-    async with anyio.create_task_group() as tg:
-        if behind:
-            tg.start_soon(api.run_writer)
-            await anyio.wait_all_tasks_blocked()
+    if behind:
+        async with writing_behind(api):
             await api.set_robots([robot], only_new=True)  # waits in the writer
             await worker.set_robots([succeeded])
             await api.flush()
-        else:
-            await worker.set_robots([succeeded])
-            await api.set_robots([robot], only_new=True)
-        tg.cancel_scope.cancel()
+    else:
+        await worker.set_robots([succeeded])
+        await api.set_robots([robot], only_new=True)
     assert await cached_status(api, robot.id) is RobotStatus.SUCCEEDED
 
 
@@ -603,14 +611,11 @@ async def test_a_change_made_here_replaces_a_first_state_still_waiting_to_be_wri
     api, _ = two_processes
     robot = a_robot(status=RobotStatus.QUEUED, attempts=0, lease_token=None)
     running = attrs.evolve(robot, status=RobotStatus.RUNNING, attempts=1)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(api.run_writer)
-        await anyio.wait_all_tasks_blocked()
+    async with writing_behind(api):
         await api.set_robots([robot], only_new=True)
         await api.set_robots([running])
         await api.set_robots([robot], only_new=True)  # a late read: older than the change
         await api.flush()
-        tg.cancel_scope.cancel()
     assert await cached_status(api, robot.id) is RobotStatus.RUNNING
 
 
