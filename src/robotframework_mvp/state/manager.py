@@ -39,7 +39,12 @@ class StateManager:
         self._completions = GroupCommitter(self._complete_many)
         self._progress = GroupCommitter(self._update_progress_many)
         self._creates = GroupCommitter(self._create_many)
-        self._creates_claimed = GroupCommitter(self._create_and_claim_many)
+        # The write of a robot run alone (an idle worker's slot): on a store whose writes
+        # wait on the network it goes out at once; on SQLite, whose small writes run on
+        # the loop without yielding, the turn lets submissions ready now share it.
+        self._creates_claimed = GroupCommitter(
+            self._create_and_claim_many,
+            first_turn=not getattr(driver, "writes_wait_on_network", False))
         self._claiming_driver = driver if isinstance(driver, CreatesClaimed) else None
 
     async def create_robots(self, robots: Sequence[Robot]) -> list[tuple[Robot, bool]]:

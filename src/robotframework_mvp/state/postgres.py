@@ -417,6 +417,9 @@ class PostgresDriver:
     """StorageDriver on PostgreSQL (psycopg 3 async pools)."""
 
     name = "postgresql"
+    #: every write waits on the network, so calls that arrive meanwhile join the next one
+    #: anyway: a lone write need not give them a turn of the loop first (GroupCommitter)
+    writes_wait_on_network = True
 
     def __init__(self, url: str, config: StorageConfig) -> None:
         self.url = url
