@@ -68,7 +68,12 @@ _INLINE_MAX_ROWS = 8
 #: ... and a claim or a batch of completions or progress reports of at most this many
 _WORKER_INLINE_MAX_ROWS = 64
 #: inline commits (which never checkpoint) before one write goes to the thread connection
-_CHECKPOINT_AFTER = 200
+_CHECKPOINT_AFTER = 25
+#: WAL pages past which that connection's commit checkpoints (SQLite's default is 1000).
+#: The writes on the loop wait for that commit: 1,000 pages copied back took 4-5 ms and
+#: made the HTTP benchmark's p99 (19.3-19.9 ms); 200 pages, 25 commits apart, take about
+#: 1 ms, and the p99 fell to 15.6-16.6 ms (docs/performance.md, session 10).
+_CHECKPOINT_PAGES = 200
 
 
 def sqlite_path(url: str) -> str:
@@ -230,8 +235,7 @@ class SQLiteDriver:
         if self.path != ":memory:":
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
-            if inline:
-                conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {0 if inline else _CHECKPOINT_PAGES}")
         return conn
 
     async def open(self) -> None:
