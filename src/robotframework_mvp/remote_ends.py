@@ -54,11 +54,6 @@ class RemoteEnds:
         self.ids_heard = 0
         self.subscriptions = 0
 
-    @property
-    def available(self) -> bool:
-        """Whether the cache can carry announcements (Redis can; the memory cache cannot)."""
-        return self.cache.publisher is not None
-
     def want(self) -> None:
         """A wait for a robot run elsewhere began: subscribe, if not done yet."""
         self._wanted.set()

@@ -257,11 +257,9 @@ class RedisBackend:
         script = self._write_many
         if script is None:
             raise RuntimeError("RedisBackend is not open; call open() first")
-        if ttl <= 0:  # expired on arrival, as in the memory backend
-            if items:
+        if ttl <= 0 or not (items or only_new):
+            if ttl <= 0 and items:  # expired on arrival, as in the memory backend
                 await self.client.delete(*(key for key, _ in items))
-            return 0 if announce is None else int(await self.client.publish(*announce))
-        if not items and not only_new:
             return 0 if announce is None else int(await self.client.publish(*announce))
         px = max(1, math.ceil(ttl * 1000))
         ordered = [*only_new, *items]

@@ -101,7 +101,8 @@ class MostRecentFirstPool(AsyncConnectionPool[Connection]):
     psycopg_pool has no option for this. Its ready connections are a deque that it
     takes from the left and returns to on the right; turning the deque one step right
     before it takes puts the newest first and leaves the others in their order.
-    ``tests/postgres/test_pool_order.py`` fails if a psycopg_pool release changes that.
+    A test in ``tests/conformance/test_postgres_specific.py`` fails if a psycopg_pool
+    release changes that.
     """
 
     async def _get_ready_connection(self, timeout: float | None) -> Connection | None:
