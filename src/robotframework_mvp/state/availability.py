@@ -26,8 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
+from types import TracebackType
 
 import anyio
 
@@ -162,20 +162,39 @@ class StoreAvailability:
         self._last_probe = (self._clock(), reachable)
         return reachable
 
-    @contextmanager
-    def watch(self) -> Iterator[anyio.CancelScope]:
+    def watch(self) -> _Watch:
         """A scope around one use of the pool, cancelled when the breaker opens (the
         caller then raises ``unavailable()``), so nobody waits out the pool timeout."""
-        scope = anyio.CancelScope()
-        self._watched.add(scope)
-        try:
-            with scope:
-                yield scope
-        finally:
-            self._watched.discard(scope)
+        return _Watch(self._watched)
 
     def snapshot(self) -> dict[str, object]:
         """The breaker's state for /health and /metrics."""
         retry_after = self.breaker.retry_after()
         return {"state": str(self.breaker.state),
                 "retry_after": math.ceil(retry_after * 10) / 10 if retry_after else 0.0}
+
+
+class _Watch:
+    """``StoreAvailability.watch()``: enter a fresh cancel scope, registered with the
+    guard while it is entered. A class, not a generator: every store call enters one."""
+
+    __slots__ = ("_scope", "_watched")
+
+    def __init__(self, watched: set[anyio.CancelScope]) -> None:
+        self._watched = watched
+        self._scope = anyio.CancelScope()
+
+    def __enter__(self) -> anyio.CancelScope:
+        self._watched.add(self._scope)
+        try:
+            return self._scope.__enter__()
+        except BaseException:
+            self._watched.discard(self._scope)
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        try:
+            return self._scope.__exit__(exc_type, exc, tb)
+        finally:
+            self._watched.discard(self._scope)
