@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -297,6 +298,25 @@ def json_bytes(value: Any) -> bytes:
         return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS)
     except TypeError:
         return json.dumps(value, separators=(",", ":"), default=_isoformat).encode()
+
+
+#: a run of 19 digits: an integer there may lie beyond 64 bits (see ``json_loads``)
+_LONG_DIGITS_TEXT = re.compile(r"[0-9]{19}")
+_LONG_DIGITS_BYTES = re.compile(rb"[0-9]{19}")
+
+
+def json_loads(data: str | bytes) -> Any:
+    """JSON text as Python values: by orjson (a fifth to a tenth of ``json.loads``' time),
+    or by ``json`` where orjson would read it differently. orjson reads an integer beyond
+    64 bits as a float, so text with 19 digits in a row goes to ``json``, which keeps it
+    exact; and orjson refuses what ``json`` reads (``NaN``, a lone surrogate escape)."""
+    long_digits = _LONG_DIGITS_TEXT if isinstance(data, str) else _LONG_DIGITS_BYTES
+    if long_digits.search(data) is None:  # type: ignore[arg-type]
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(data)
 
 
 def _isoformat(value: object) -> str:

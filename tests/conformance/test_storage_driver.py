@@ -654,6 +654,29 @@ async def test_a_completion_after_progress_returns_exactly_what_is_stored(
     assert done.progress == (100 if status is RobotStatus.SUCCEEDED else 40.0)
 
 
+async def test_payloads_and_results_keep_every_json_value_exactly(driver: StorageDriver) -> None:
+    # Integers beyond 64 bits (orjson alone would read them as floats), escapes and
+    # characters outside ASCII, through every path that writes or reads them.
+    odd: dict[str, Any] = {"big": 2**70, "negative": -(2**65), "u64": 2**64 - 1,
+                           "float": 0.1, "text": 'Σ ü \u2028 "q" \\', "deep": [1, {"x": None}]}
+    robot = make_robot(payload=odd)
+    await create(driver, robot)
+    c = await claim_one(driver, robot)
+    assert c.robot.payload == odd
+    done = await driver.complete(completion(c, RobotStatus.SUCCEEDED, result=odd))
+    assert done is not None and done.result == odd
+    stored_robot = await stored(driver, robot.id)
+    assert (stored_robot.payload, stored_robot.result) == (odd, odd)
+    assert type(stored_robot.payload["big"]) is int
+
+    now = utcnow()
+    alone = make_robot(payload=odd)
+    created = await driver.create_and_claim(alone, worker="w", now=now,
+                                            lease_expires_at=now + LEASE)
+    assert created is not None
+    assert (await stored(driver, alone.id)).payload == odd
+
+
 async def test_what_a_write_returns_shows_as_json_exactly_as_the_stored_robot(
     driver: StorageDriver,
 ) -> None:

@@ -38,6 +38,7 @@ from ..models import (
     Schedule,
     chain_audit,
     json_bytes,
+    json_loads,
     new_id,
 )
 from .driver import (
@@ -102,7 +103,7 @@ def _error_json(error: ErrorInfo | None) -> str | None:
 def _error(value: str | None) -> ErrorInfo | None:
     if value is None:
         return None
-    data = json.loads(value)
+    data = json_loads(value)
     return ErrorInfo(type=data["type"], message=data["message"])
 
 
@@ -127,11 +128,11 @@ def robot_from_row(row: Sequence[Any]) -> Robot:
      max_attempts, priority, idempotency_key, result, error, created_at, updated_at,
      started_at, finished_at, scheduled_at, lease_token, lease_expires_at, parent_id,
      parent_trigger, schedule_id, followups) = row
-    chain = None if followups is None else json.loads(followups)
+    chain = None if followups is None else json_loads(followups)
     return Robot(
         id=id_,
         kind=kind,
-        payload=json.loads(payload),
+        payload=json_loads(payload),
         owner=owner,
         tenant=tenant,
         status=RobotStatus(status),
@@ -142,7 +143,7 @@ def robot_from_row(row: Sequence[Any]) -> Robot:
         max_attempts=max_attempts,
         priority=priority,
         idempotency_key=idempotency_key,
-        result=None if result is None else json.loads(result),
+        result=None if result is None else json_loads(result),
         error=_error(error),
         created_at=datetime.fromtimestamp(created_at, UTC),
         updated_at=datetime.fromtimestamp(updated_at, UTC),
@@ -956,7 +957,7 @@ def _robot_params(robot: Robot) -> dict[str, Any]:
     return {
         "id": robot.id,
         "kind": robot.kind,
-        "payload": json.dumps(robot.payload),
+        "payload": json_bytes(robot.payload).decode(),
         "owner": robot.owner,
         "tenant": robot.tenant,
         "status": str(robot.status),
@@ -1030,7 +1031,7 @@ def _complete_batch(conn: sqlite3.Connection, completions: Sequence[Completion]
              None if c.result is None else json_bytes(c.result).decode(), _error_json(c.error),
              c.finished_at.timestamp(), _ts(c.scheduled_at), c.module]
             for c in completions]).decode()}).fetchall()
-    ended = {row[0]: (float(row[1]), row[2], None if row[3] is None else json.loads(row[3]))
+    ended = {row[0]: (float(row[1]), row[2], None if row[3] is None else json_loads(row[3]))
              for row in rows}
     done = [c for c in completions if c.robot_id in ended]
     if not done:
