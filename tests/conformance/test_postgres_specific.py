@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import UTC, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import anyio
 import anyio.abc
@@ -198,6 +198,32 @@ async def test_the_pool_figures_count_the_time_connections_are_lent_out(
     figures = driver.pool_stats()["write"]
     assert figures["usage_ms"] - before >= 80
     assert figures["pool_available"] == 1  # and the connection went back
+
+
+async def test_pooled_sessions_speak_utc_whatever_the_server_zone(
+    postgres_url: str, open_driver: Callable[..., Any],
+) -> None:
+    # In the server's zone, even Etc/UTC, every timestamp read needs a conversion.
+    # The fixture's URL ends with its search_path option: add the zone to that option.
+    assert "options=" in postgres_url
+    zoned = postgres_url + quote(" -ctimezone=Asia/Tokyo")
+    driver = PostgresDriver(zoned, StorageConfig(url=zoned))
+    await driver.open()
+    try:
+        robot = make_robot()
+        await (await open_driver()).create_robots([robot])
+
+        async def zone(conn: Any) -> str:
+            row = await (await conn.execute("SHOW TimeZone")).fetchone()
+            return str(row["TimeZone"])
+
+        assert await driver._write(zone) == "UTC"
+        stored = await driver.get_robot(robot.id)
+        assert stored is not None
+        assert stored.created_at.tzinfo is UTC
+        assert stored.created_at == robot.created_at
+    finally:
+        await driver.close()
 
 
 async def test_a_transaction_left_open_by_a_call_is_rolled_back_not_committed(

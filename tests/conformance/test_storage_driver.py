@@ -664,7 +664,8 @@ async def test_payloads_and_results_keep_every_json_value_exactly(driver: Storag
     c = await claim_one(driver, robot)
     assert c.robot.payload == odd
     done = await driver.complete(completion(c, RobotStatus.SUCCEEDED, result=odd))
-    assert done is not None and done.result == odd
+    assert done is not None
+    assert done.result == odd
     stored_robot = await stored(driver, robot.id)
     assert (stored_robot.payload, stored_robot.result) == (odd, odd)
     assert type(stored_robot.payload["big"]) is int

@@ -51,7 +51,8 @@ def test_an_integer_beyond_64_bits_stays_an_exact_integer() -> None:
     for number in (2**63, 2**64, 2**70, -(2**65), 10**30):
         for text in (f'{{"n": {number}}}', f'{{"n": {number}}}'.encode()):
             read = json_loads(text)["n"]
-            assert type(read) is int and read == number
+            assert type(read) is int
+            assert read == number
 
 
 def test_what_orjson_refuses_is_read_as_json_reads_it() -> None:
