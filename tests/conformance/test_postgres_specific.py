@@ -226,6 +226,21 @@ async def test_pooled_sessions_speak_utc_whatever_the_server_zone(
         await driver.close()
 
 
+async def test_a_call_cancelled_mid_statement_gives_its_connection_back(
+    open_driver: Callable[..., Any],
+) -> None:
+    driver = await open_driver(pool_min_size=1, pool_max_size=1)
+    with anyio.move_on_after(0.2) as scope:
+        await driver._write(lambda conn: conn.execute("SELECT pg_sleep(30)"))
+    assert scope.cancelled_caught
+    # The only connection is usable again at once: nothing waits out the pool timeout.
+    with anyio.fail_after(5):
+        robot = make_robot()
+        await driver.create_robots([robot])
+        assert await driver.get_robot(robot.id) == robot
+    assert driver.pool_stats()["write"]["pool_size"] == 1
+
+
 async def test_a_transaction_left_open_by_a_call_is_rolled_back_not_committed(
     open_driver: Callable[..., Any],
 ) -> None:
