@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
+import signal
 import sqlite3
+import subprocess
 import sys
 import tempfile
 import time
@@ -297,6 +300,37 @@ def robot_json_size(robot: Robot) -> int:
     import json
 
     return len(json.dumps(converter.unstructure(robot)).encode())
+
+
+@contextlib.contextmanager
+def rfmvp_workers(store: ScratchStore, processes: int, concurrency: int, *,
+                  wake_on_finish: bool = False) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``processes`` ``rfmvp worker`` subprocesses on ``store``, running the bench's no-op
+    module (``noop_plugin``, from this directory). On exit each gets SIGTERM, and is
+    killed if it has not stopped within 30 s."""
+    env = dict(os.environ)
+    env.update(store.env())
+    env.update({
+        "RFMVP_API_KEYS": f"{PRINCIPAL}:{API_KEY}", "RFMVP_RATE_LIMIT": "none",
+        "RFMVP_PLUGINS": "noop_plugin", "RFMVP_WORKER_CONCURRENCY": str(concurrency),
+        "RFMVP_BENCH_CAPACITY": str(concurrency),
+        "RFMVP_BENCH_WAKE_ON_FINISH": "1" if wake_on_finish else "0",
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).resolve().parent)] + [p for p in [env.get("PYTHONPATH")] if p]),
+    })
+    rfmvp = shutil.which("rfmvp", path=str(Path(sys.executable).parent)) or "rfmvp"
+    procs = [subprocess.Popen([rfmvp, "worker"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for _ in range(processes)]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 # -- call counting (bench-side instrumentation; the package is not changed) --------------

@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,8 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _support as bs
 from robotframework_mvp import Orchestrator, RobotStatus
-
-HERE = Path(__file__).resolve().parent
 
 
 async def measure(store: bs.ScratchStore, args: argparse.Namespace) -> dict[str, Any]:
@@ -67,27 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     with bs.scratch_store(args.storage, args.cache) as store:
         # The API orchestrator migrates the store; the worker starts once it exists.
         anyio.run(_migrate, store)
-        env = dict(os.environ)
-        env.update(store.env())
-        env.update({
-            "RFMVP_API_KEYS": f"{bs.PRINCIPAL}:{bs.API_KEY}", "RFMVP_RATE_LIMIT": "none",
-            "RFMVP_PLUGINS": "noop_plugin",
-            "RFMVP_WORKER_CONCURRENCY": str(args.concurrency),
-            "RFMVP_BENCH_CAPACITY": str(args.concurrency), "RFMVP_BENCH_WAKE_ON_FINISH": "0",
-            "PYTHONPATH": os.pathsep.join(
-                [str(HERE)] + [p for p in [env.get("PYTHONPATH")] if p]),
-        })
-        rfmvp = shutil.which("rfmvp", path=str(Path(sys.executable).parent)) or "rfmvp"
-        worker = subprocess.Popen([rfmvp, "worker"], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE)
-        try:
+        with bs.rfmvp_workers(store, 1, args.concurrency):
             result = anyio.run(measure, store, args)
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
         check = bs.verify(store, result["ids"], expected_count=len(result["ids"]))
     lat = result["latencies"]
     print(json.dumps({

@@ -15,9 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,8 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _support as bs
 from robotframework_mvp import Orchestrator, SubmitRequest
-
-HERE = Path(__file__).resolve().parent
 
 
 async def enqueue(store: bs.ScratchStore, n: int, batch: int) -> None:
@@ -65,21 +60,9 @@ def span(store: bs.ScratchStore) -> tuple[int, float | None]:
 def run_one(args: argparse.Namespace, processes: int) -> dict[str, Any]:
     with bs.scratch_store(args.storage, args.cache) as store:
         anyio.run(enqueue, store, args.n, args.batch)
-        env = dict(os.environ)
-        env.update(store.env())
-        env.update({
-            "RFMVP_API_KEYS": f"{bs.PRINCIPAL}:{bs.API_KEY}", "RFMVP_RATE_LIMIT": "none",
-            "RFMVP_PLUGINS": "noop_plugin", "RFMVP_WORKER_CONCURRENCY": str(args.concurrency),
-            "RFMVP_BENCH_CAPACITY": str(args.concurrency),
-            "RFMVP_BENCH_WAKE_ON_FINISH": "1" if args.wake_on_finish else "0",
-            "PYTHONPATH": os.pathsep.join(
-                [str(HERE)] + [p for p in [env.get("PYTHONPATH")] if p]),
-        })
-        rfmvp = shutil.which("rfmvp", path=str(Path(sys.executable).parent)) or "rfmvp"
-        procs = [subprocess.Popen([rfmvp, "worker"], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE) for _ in range(processes)]
         cpu: list[float] = []
-        try:
+        with bs.rfmvp_workers(store, processes, args.concurrency,
+                              wake_on_finish=args.wake_on_finish) as procs:
             deadline = time.monotonic() + args.timeout
             while True:
                 done, seconds = span(store)
@@ -93,14 +76,6 @@ def run_one(args: argparse.Namespace, processes: int) -> dict[str, Any]:
             for p in procs:
                 fields = Path(f"/proc/{p.pid}/stat").read_text().rpartition(")")[2].split()
                 cpu.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
-        finally:
-            for p in procs:
-                p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
         check = bs.verify(store, expected_count=args.n)
         return {
             "system": "robotframework-mvp", "bench": "scale", "storage": store.storage,

@@ -33,11 +33,6 @@ from robotframework_mvp.state import postgres
 STATEMENT = postgres._Q["insert_claimed_robot"]
 
 
-def p50(values: list[float]) -> float:
-    ordered = sorted(values)
-    return round(ordered[len(ordered) // 2], 4) if ordered else float("nan")
-
-
 async def measure(store: bs.ScratchStore, k: int, warmup: int) -> dict[str, Any]:
     statement_ms: list[float] = []
     driver_ms: list[float] = []
@@ -74,7 +69,7 @@ async def measure(store: bs.ScratchStore, k: int, warmup: int) -> dict[str, Any]
     finally:
         postgres._fetchone = fetchone
         postgres.PostgresDriver.create_and_claim = create_and_claim  # type: ignore[method-assign]
-    statement, driver = p50(statement_ms), p50(driver_ms)
+    statement, driver = round(bs.pct(statement_ms, 50), 4), round(bs.pct(driver_ms, 50), 4)
     return {"robots": k, "statement_p50_ms": statement, "driver_p50_ms": driver,
             "start_execution_p50_ms": round(step.p50_ms, 4),
             "driver_adds_ms": round(driver - statement, 4),
