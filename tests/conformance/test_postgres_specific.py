@@ -21,7 +21,7 @@ from robotframework_mvp.config import StorageConfig
 from robotframework_mvp.errors import ServiceUnavailableError
 from robotframework_mvp.models import Robot, RobotStatus, new_id, utcnow
 from robotframework_mvp.state.driver import Completion
-from robotframework_mvp.state.postgres import _Q, PostgresDriver
+from robotframework_mvp.state.postgres import _Q, PostgresDriver, _fetchone
 
 pytestmark = pytest.mark.anyio
 
@@ -239,6 +239,35 @@ async def test_a_call_cancelled_mid_statement_gives_its_connection_back(
         await driver.create_robots([robot])
         assert await driver.get_robot(robot.id) == robot
     assert driver.pool_stats()["write"]["pool_size"] == 1
+
+
+async def test_one_row_statements_share_a_cursor_that_outlives_failed_and_cancelled_ones(
+    open_driver: Callable[..., Any],
+) -> None:
+    # A new cursor a statement costs 52k instructions (its own adapters and dumpers), so
+    # the one-row statements of the latency path run on the connection's kept cursor.
+    driver = await open_driver(pool_min_size=1, pool_max_size=1)
+    robot = make_robot()
+    await driver.create_robots([robot])
+    kept: list[Any] = []
+
+    async def note_kept_cursor(conn: Any) -> None:
+        kept.append(conn.kept_cursor())
+
+    await driver._write(note_kept_cursor)
+    assert await driver.get_robot(robot.id) == robot
+    await driver._write(note_kept_cursor)
+    assert kept[0] is kept[1]
+
+    # A statement that fails on it, and one cancelled on it, leave the next one working.
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        await driver._write(lambda conn: _fetchone(conn, "SELECT 1 / 0 AS n"))
+    assert await driver.get_robot(robot.id) == robot
+    with anyio.move_on_after(0.2) as scope:
+        await driver._write(lambda conn: _fetchone(conn, "SELECT pg_sleep(30) AS n"))
+    assert scope.cancelled_caught
+    with anyio.fail_after(5):
+        assert await driver.get_robot(robot.id) == robot
 
 
 async def test_a_transaction_left_open_by_a_call_is_rolled_back_not_committed(
