@@ -831,8 +831,18 @@ class PostgresDriver:
         # retried statement then carries the same token as its first try.
         token = new_id()
         params = _claimed_robot_params(robot, worker, now, lease_expires_at, token)
-        row = await self._write(lambda c: _fetchone(c, _Q["insert_claimed_robot"], params))
-        return _created_claim(robot, row is not None, token, worker, now, lease_expires_at)
+
+        async def insert(conn: Connection) -> bool:
+            try:
+                await conn.kept_cursor().execute(_Q["insert_claimed_robot"], params)
+            except psycopg.errors.UniqueViolation:
+                # As ON CONFLICT DO NOTHING did (and SQLite's statement does): the id
+                # exists, from a retried call whose first try committed.
+                return False
+            return True
+
+        inserted = await self._write(insert)
+        return _created_claim(robot, inserted, token, worker, now, lease_expires_at)
 
     async def create_and_claim_many(
         self, robots: Sequence[Robot], *, worker: str, now: datetime,

@@ -39,9 +39,10 @@ SELECT ins.id, (SELECT count(*) FROM wake) AS woken FROM ins;
 -- A new robot that this process's worker has a free slot for: created and started under a
 -- fresh lease in one statement, with its execution; no other worker ever sees it queued.
 -- The lease token (the execution's id) comes from the driver, a UUIDv7 as the claims
--- make. Only the id comes back: the driver builds the rest from the robot it wrote
--- (driver.created_claim). Nothing comes back if the id exists (a retried call whose
--- first try committed).
+-- make. Nothing comes back: the driver builds the claim from the robot it wrote
+-- (driver.created_claim). An id that exists (a retried call whose first try committed)
+-- fails with a unique violation, which the driver takes for "nothing written": no ON
+-- CONFLICT, whose speculative insertion costs an index probe and a WAL record each time.
 WITH ins AS (
     INSERT INTO robots (id, kind, payload, owner, tenant, status, module, attempts,
                         max_attempts, priority, created_at, updated_at, started_at,
@@ -51,13 +52,10 @@ WITH ins AS (
             %(max_attempts)s, %(priority)s, %(created_at)s, %(now)s, %(now)s,
             %(scheduled_at)s, %(lease_token)s, %(lease_expires_at)s, %(parent_id)s,
             %(parent_trigger)s, %(schedule_id)s, %(followups)s)
-    ON CONFLICT DO NOTHING
     RETURNING id, module, lease_token
-), execution AS (
-    INSERT INTO executions (id, robot_id, module, attempt, status, worker, started_at)
-    SELECT lease_token, id, module, 1, 'running', %(worker)s, %(now)s FROM ins
 )
-SELECT id FROM ins;
+INSERT INTO executions (id, robot_id, module, attempt, status, worker, started_at)
+SELECT lease_token, id, module, 1, 'running', %(worker)s, %(now)s FROM ins;
 
 -- name: insert_claimed_robots
 -- insert_claimed_robot for a batch, in one statement: one JSON array of rows, each [id,
