@@ -7,9 +7,9 @@
 statement that inserts the robot already running and its execution. This runs K robots
 one after another (``process_robot``, as phase (c) of ``bench/run.py``) and prints one
 JSON line with three p50s of that write, from the inside out: the statement in psycopg
-(``conn.execute`` and its row), the driver's ``create_and_claim`` around it, and the
+(on the connection's kept cursor), the driver's ``create_and_claim`` around it, and the
 step as the tracker records it; and the two differences, what the driver and what the
-StateManager with its group committer add. Timing wraps the driver's statement helper
+StateManager with its group committer add. Timing wraps the connection's kept cursor
 from outside the package (nothing in it changes).
 """
 
@@ -36,16 +36,25 @@ STATEMENT = postgres._Q["insert_claimed_robot"]
 async def measure(store: bs.ScratchStore, k: int, warmup: int) -> dict[str, Any]:
     statement_ms: list[float] = []
     driver_ms: list[float] = []
-    fetchone = postgres._fetchone
+    kept_cursor = postgres.PooledConnection.kept_cursor
     create_and_claim = postgres.PostgresDriver.create_and_claim
 
-    async def timed_fetchone(conn: Any, query: str, params: Any = None) -> Any:
-        started = time.perf_counter()
-        try:
-            return await fetchone(conn, query, params)
-        finally:
-            if query is STATEMENT:
-                statement_ms.append((time.perf_counter() - started) * 1000)
+    class TimedCursor:
+        """The kept cursor, timing the create-claimed statement it runs."""
+
+        def __init__(self, cursor: Any) -> None:
+            self.cursor = cursor
+
+        async def execute(self, query: str, params: Any = None) -> Any:
+            started = time.perf_counter()
+            try:
+                return await self.cursor.execute(query, params)
+            finally:
+                if query is STATEMENT:
+                    statement_ms.append((time.perf_counter() - started) * 1000)
+
+    def timed_kept_cursor(self: Any) -> Any:
+        return TimedCursor(kept_cursor(self))
 
     async def timed_create_and_claim(self: Any, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
@@ -54,7 +63,7 @@ async def measure(store: bs.ScratchStore, k: int, warmup: int) -> dict[str, Any]
         finally:
             driver_ms.append((time.perf_counter() - started) * 1000)
 
-    postgres._fetchone = timed_fetchone  # type: ignore[assignment]
+    postgres.PooledConnection.kept_cursor = timed_kept_cursor  # type: ignore[method-assign]
     postgres.PostgresDriver.create_and_claim = timed_create_and_claim  # type: ignore[method-assign]
     try:
         settings = bs.bench_settings(store, worker=True, concurrency=10)
@@ -67,7 +76,7 @@ async def measure(store: bs.ScratchStore, k: int, warmup: int) -> dict[str, Any]
                 await orch.process_robot("noop", bs.PAYLOAD, api_key=bs.API_KEY, timeout=10.0)
             step = orch.tracker.snapshot()["state.start_execution"]
     finally:
-        postgres._fetchone = fetchone
+        postgres.PooledConnection.kept_cursor = kept_cursor  # type: ignore[method-assign]
         postgres.PostgresDriver.create_and_claim = create_and_claim  # type: ignore[method-assign]
     statement, driver = round(bs.pct(statement_ms, 50), 4), round(bs.pct(driver_ms, 50), 4)
     return {"robots": k, "statement_p50_ms": statement, "driver_p50_ms": driver,
