@@ -433,21 +433,43 @@ async def test_write_many_keeps_existing_keys_of_only_new_and_replaces_the_other
     redis_backend: RedisBackend, key: Keys,
 ) -> None:
     await redis_backend.set_many([(key("kept"), b"newer"), (key("replaced"), b"old")], 60)
-    await redis_backend.write_many([(key("replaced"), b"new")],
-                                   [(key("kept"), b"first"), (key("fresh"), b"first")], 60)
+    await redis_backend.write_many([(key("replaced"), b"new", 60)],
+                                   [(key("kept"), b"first", 60), (key("fresh"), b"first", 60)])
     assert await redis_backend.get(key("kept")) == b"newer"
     assert await redis_backend.get(key("replaced")) == b"new"
     assert await redis_backend.get(key("fresh")) == b"first"
+
+
+async def test_write_many_gives_each_key_its_own_expiry_in_one_call(
+    redis_backend: RedisBackend, key: Keys, redis_url: str,
+) -> None:
+    # Running and ended robots have different TTLs and are flushed together.
+    await redis_backend.set_many([(key("gone"), b"old"), (key("kept"), b"old")], 60)
+    await redis_backend.write_many(
+        [(key("short"), b"s", 5), (key("long"), b"l", 3600), (key("gone"), b"x", 0)],
+        [(key("fresh"), b"f", 30), (key("kept"), b"y", 0), (key("never"), b"n", 0)])
+    client = redis.asyncio.Redis.from_url(redis_url)
+    try:
+        assert 4_000 < await client.pttl(key("short")) <= 5_000
+        assert 3_599_000 < await client.pttl(key("long")) <= 3_600_000
+        assert 29_000 < await client.pttl(key("fresh")) <= 30_000
+    finally:
+        await client.aclose()
+    # A time of 0 or less: expired on arrival (deleted), except that an only-new key
+    # never touches an existing one.
+    assert await redis_backend.get(key("gone")) is None
+    assert await redis_backend.get(key("kept")) == b"old"
+    assert await redis_backend.get(key("never")) is None
 
 
 async def test_a_subscriber_hears_an_announcement_after_the_values_it_came_with(
     redis_backend: RedisBackend, key: Keys,
 ) -> None:
     channel = key("announcements")
-    assert await redis_backend.write_many([], [], 60, (channel, b"nobody")) == 0
+    assert await redis_backend.write_many([], [], (channel, b"nobody")) == 0
     async with redis_backend.subscribe(channel) as subscription:
         heard_by = await redis_backend.write_many(
-            [(key("a"), b"1")], [(key("b"), b"2")], 60, (channel, b"a b"))
+            [(key("a"), b"1", 60)], [(key("b"), b"2", 60)], (channel, b"a b"))
         assert heard_by == 1
         with anyio.fail_after(5):
             message = await subscription.receive(5)

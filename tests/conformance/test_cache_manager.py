@@ -77,6 +77,10 @@ class CountingRedisBackend(RedisBackend):
         self.calls += 1
         return await super().rate_limit_many(checks)
 
+    async def write_many(self, *args: Any) -> int:
+        self.calls += 1
+        return await super().write_many(*args)
+
 
 def closed_port() -> int:
     """A local TCP port nothing listens on (bound, then released)."""
@@ -511,12 +515,12 @@ class GatedRedisBackend(RedisBackend):
         self.writing = anyio.Event()
         self.gate = anyio.Event()
 
-    async def write_many(self, items: Sequence[tuple[str, bytes]],
-                         only_new: Sequence[tuple[str, bytes]], ttl: float,
+    async def write_many(self, items: Sequence[tuple[str, bytes, float]],
+                         only_new: Sequence[tuple[str, bytes, float]],
                          announce: tuple[str, bytes] | None = None) -> int:
         self.writing.set()
         await self.gate.wait()
-        return await super().write_many(items, only_new, ttl, announce)
+        return await super().write_many(items, only_new, announce)
 
 
 async def test_stopping_the_writer_mid_write_still_stores_the_newest_state(
@@ -617,6 +621,33 @@ async def test_a_change_made_here_replaces_a_first_state_still_waiting_to_be_wri
         await api.set_robots([robot], only_new=True)  # a late read: older than the change
         await api.flush()
     assert await cached_status(api, robot.id) is RobotStatus.RUNNING
+
+
+async def test_states_written_behind_go_in_one_round_trip_each_with_its_own_ttl(
+    redis_url: str, redis_prefix: str,
+) -> None:
+    """A flush holds running robots, ended ones (a far shorter TTL) and first states: one
+    script call for all of them, not one per TTL."""
+    backend = CountingRedisBackend(redis_url)
+    await backend.open()
+    try:
+        manager = CacheManager(backend, CacheConfig(
+            key_prefix=redis_prefix, ttl_robot_status=60.0, ttl_robot_finished=0.05))
+        running = a_robot(lease_token=None)
+        finished = a_robot(lease_token=None, status=RobotStatus.SUCCEEDED)
+        first = a_robot(lease_token=None, status=RobotStatus.QUEUED, attempts=0)
+        before = backend.calls
+        async with writing_behind(manager):
+            await manager.set_robots([running, finished])
+            await manager.set_robots([first], only_new=True)
+            await manager.flush()
+        assert backend.calls - before == 1
+        assert await manager.get_robot(first.id) == first
+        await anyio.sleep(0.2)  # four times the finished robot's TTL: it has expired
+        assert await manager.get_robot(finished.id) is None
+        assert await manager.get_robot(running.id) == running
+    finally:
+        await backend.close()
 
 
 async def test_robots_that_end_are_announced_with_their_write_and_reads_are_not(

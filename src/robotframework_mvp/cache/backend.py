@@ -99,12 +99,13 @@ class Publisher(Protocol):
     them, so that a process waiting for one run elsewhere hears it at once.
     """
 
-    async def write_many(self, items: Sequence[tuple[str, bytes]],
-                         only_new: Sequence[tuple[str, bytes]], ttl: float,
+    async def write_many(self, items: Sequence[tuple[str, bytes, float]],
+                         only_new: Sequence[tuple[str, bytes, float]],
                          announce: tuple[str, bytes] | None = None) -> int:
-        """In one round trip and in this order: set ``items``' keys; set those of
-        ``only_new`` that do not exist; publish ``announce`` (channel, message). Keys
-        expire after ``ttl`` seconds. Returns how many subscribers heard the message."""
+        """In one round trip and in this order: set the keys of ``only_new`` that do not
+        exist; set ``items``' keys; publish ``announce`` (channel, message). Each
+        entry is (key, value, ttl): its key expires after ``ttl`` seconds (one that is 0
+        or less, at once). Returns how many subscribers heard the message."""
 
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[Subscription]:
         """Subscribe to ``channel``; entered once the server confirmed it."""

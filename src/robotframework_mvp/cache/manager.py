@@ -216,37 +216,37 @@ class CacheManager:
             else config.ttl_robot_status
 
     async def _write_robots(self, robots: Sequence[Robot], only_new: set[str]) -> None:
-        """Write robot states, grouped by TTL: one round trip per group. With a backend
-        that can publish, states in ``only_new`` do not replace existing ones, and the
-        robots that ended here are announced on ``ended_channel`` in the same trip."""
-        groups: dict[float, tuple[list[tuple[str, bytes]], list[tuple[str, bytes]],
-                                  list[str]]] = {}
+        """Write robot states in one round trip with a ``Publisher`` (each key with its
+        own TTL; states in ``only_new`` do not replace existing ones, and the robots that
+        ended here are announced on ``ended_channel`` in the same trip), else in one
+        round trip per TTL. A flush holds running and ended robots together, whose TTLs
+        differ: one trip per TTL had been two script calls for most flushes."""
+        if not self.breaker.allow():
+            self.errors["robot"] += 1
+            return
+        items: list[tuple[str, bytes, float]] = []
+        new: list[tuple[str, bytes, float]] = []
+        ended: list[str] = []
         for robot in robots:
             data = _ROBOT_JSON.unstructure(robot)
             data["lease_token"] = None  # a lease token never leaves the store
-            items, new, ended = groups.setdefault(self._ttl(robot), ([], [], []))
-            entry = (f"{self.prefix}robot:{robot.id}", orjson.dumps(data))
+            entry = (f"{self.prefix}robot:{robot.id}", orjson.dumps(data), self._ttl(robot))
             if robot.id in only_new:
                 new.append(entry)
             else:
                 items.append(entry)
                 if robot.status.is_terminal:
                     ended.append(robot.id)
-        for ttl, (items, new, ended) in groups.items():
-            await self._write_robot_group(items, new, ended, ttl)
-
-    async def _write_robot_group(self, items: list[tuple[str, bytes]],
-                                 new: list[tuple[str, bytes]], ended: list[str],
-                                 ttl: float) -> None:
-        if not self.breaker.allow():
-            self.errors["robot"] += 1
-            return
         try:
             if self.publisher is None:
-                await self.backend.set_many(items + new, ttl)
+                by_ttl: dict[float, list[tuple[str, bytes]]] = {}
+                for key, value, ttl in items + new:
+                    by_ttl.setdefault(ttl, []).append((key, value))
+                for ttl, group in by_ttl.items():
+                    await self.backend.set_many(group, ttl)
             else:
                 announce = (self.ended_channel, " ".join(ended).encode()) if ended else None
-                heard_by = await self.publisher.write_many(items, new, ttl, announce)
+                heard_by = await self.publisher.write_many(items, new, announce)
                 if announce is not None:
                     self._ends_heard = heard_by > 0
         except Exception as exc:

@@ -53,23 +53,28 @@ def _pool_options() -> dict[str, Any]:
 #: that never closed the socket, instead of waiting out ``socket_timeout`` on a command)
 _HEALTH_CHECK_INTERVAL = 30
 
-#: set each KEYS[i] to ARGV[i + 2], expiring in ARGV[1] ms; the first ARGV[2] keys only
-#: where they do not exist (NX). One command for a batch costs the client far less than a
-#: pipeline of SETs (one reply to parse, not one per key). With two more arguments, then
-#: publish the last on the channel named by the one before, and return how many
-#: subscribers heard it: one woken by it reads the values just set. Publishing to a
-#: channel nobody listens on costs Redis a lookup.
+#: set each KEYS[i] to ARGV[2i + 1], expiring in ARGV[2i] ms (a key whose time is 0 or
+#: less is deleted: expired on arrival); the first ARGV[1] keys only where they do not
+#: exist (NX), and never deleted. One command for a batch costs the client far less than
+#: a pipeline of SETs (one reply to parse, not one per key), and each key has its own
+#: expiry, so running and ended robots (whose TTLs differ) go in one call. With two more
+#: arguments, then publish the last on the channel named by the one before, and return
+#: how many subscribers heard it: one woken by it reads the values just set. Publishing to
+#: a channel nobody listens on costs Redis a lookup.
 _WRITE_MANY_LUA = """
-local new = tonumber(ARGV[2])
+local new = tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-    if i <= new then
-        redis.call('SET', key, ARGV[i + 2], 'PX', ARGV[1], 'NX')
+    local px = tonumber(ARGV[2 * i])
+    if px <= 0 then
+        if i > new then redis.call('DEL', key) end
+    elseif i <= new then
+        redis.call('SET', key, ARGV[2 * i + 1], 'PX', px, 'NX')
     else
-        redis.call('SET', key, ARGV[i + 2], 'PX', ARGV[1])
+        redis.call('SET', key, ARGV[2 * i + 1], 'PX', px)
     end
 end
-if #ARGV == #KEYS + 4 then
-    return redis.call('PUBLISH', ARGV[#KEYS + 3], ARGV[#KEYS + 4])
+if #ARGV == 2 * #KEYS + 3 then
+    return redis.call('PUBLISH', ARGV[2 * #KEYS + 2], ARGV[2 * #KEYS + 3])
 end
 return 0
 """
@@ -248,25 +253,23 @@ class RedisBackend:
         await self.client.set(key, value, px=max(1, math.ceil(ttl * 1000)))
 
     async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
-        await self.write_many(items, (), ttl)
+        await self.write_many([(key, value, ttl) for key, value in items], ())
 
-    async def write_many(self, items: Sequence[tuple[str, bytes]],
-                         only_new: Sequence[tuple[str, bytes]], ttl: float,
+    async def write_many(self, items: Sequence[tuple[str, bytes, float]],
+                         only_new: Sequence[tuple[str, bytes, float]],
                          announce: tuple[str, bytes] | None = None) -> int:
         """``Publisher.write_many``: one script call."""
         script = self._write_many
         if script is None:
             raise RuntimeError("RedisBackend is not open; call open() first")
-        if ttl <= 0 or not (items or only_new):
-            if ttl <= 0 and items:  # expired on arrival, as in the memory backend
-                await self.client.delete(*(key for key, _ in items))
-            return 0 if announce is None else int(await self.client.publish(*announce))
-        px = max(1, math.ceil(ttl * 1000))
+        if not (items or only_new or announce):
+            return 0
         ordered = [*only_new, *items]
-        return int(await script(
-            keys=[key for key, _ in ordered],
-            args=[px, len(only_new), *(value for _, value in ordered),
-                  *(announce or ())]))
+        args: list[bytes | int | str] = [len(only_new)]
+        for _, value, ttl in ordered:
+            args += (max(1, math.ceil(ttl * 1000)) if ttl > 0 else 0, value)
+        return int(await script(keys=[key for key, _, _ in ordered],
+                                args=[*args, *(announce or ())]))
 
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[RedisSubscription]:
