@@ -105,7 +105,8 @@ class Publisher(Protocol):
         """In one round trip and in this order: set the keys of ``only_new`` that do not
         exist; set ``items``' keys; publish ``announce`` (channel, message). Each
         entry is (key, value, ttl): its key expires after ``ttl`` seconds (one that is 0
-        or less, at once). Returns how many subscribers heard the message."""
+        or less, at once). A key appears at most once in a call. Returns how many
+        subscribers heard the message."""
 
     def subscribe(self, channel: str) -> AbstractAsyncContextManager[Subscription]:
         """Subscribe to ``channel``; entered once the server confirmed it."""

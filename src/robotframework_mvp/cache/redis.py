@@ -53,28 +53,37 @@ def _pool_options() -> dict[str, Any]:
 #: that never closed the socket, instead of waiting out ``socket_timeout`` on a command)
 _HEALTH_CHECK_INTERVAL = 30
 
-#: set each KEYS[i] to ARGV[2i + 1], expiring in ARGV[2i] ms (a key whose time is 0 or
-#: less is deleted: expired on arrival); the first ARGV[1] keys only where they do not
-#: exist (NX), and never deleted. One command for a batch costs the client far less than
-#: a pipeline of SETs (one reply to parse, not one per key), and each key has its own
-#: expiry, so running and ended robots (whose TTLs differ) go in one call. With two more
+#: set KEYS to the values that follow the segments, one after another. ARGV[1] counts the
+#: segments; each is three arguments: how many keys it holds, their expiry in ms, and '1'
+#: if they are set only where they do not exist (NX). A key whose expiry is 0 or less is
+#: deleted (expired on arrival), unless it is NX. One command for a batch costs the client
+#: far less than a pipeline of SETs (one reply to parse, not one per key), and a segment
+#: per TTL lets running and ended robots (whose TTLs differ) go in one call without an
+#: argument per key for its expiry (redis-py packs each argument anew). With two more
 #: arguments, then publish the last on the channel named by the one before, and return
 #: how many subscribers heard it: one woken by it reads the values just set. Publishing to
 #: a channel nobody listens on costs Redis a lookup.
 _WRITE_MANY_LUA = """
-local new = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-    local px = tonumber(ARGV[2 * i])
-    if px <= 0 then
-        if i > new then redis.call('DEL', key) end
-    elseif i <= new then
-        redis.call('SET', key, ARGV[2 * i + 1], 'PX', px, 'NX')
-    else
-        redis.call('SET', key, ARGV[2 * i + 1], 'PX', px)
+local segments = tonumber(ARGV[1])
+local k, v = 1, 2 + 3 * segments
+for s = 0, segments - 1 do
+    local px = tonumber(ARGV[3 + 3 * s])
+    local nx = ARGV[4 + 3 * s] == '1'
+    for _ = 1, tonumber(ARGV[2 + 3 * s]) do
+        if px > 0 then
+            if nx then
+                redis.call('SET', KEYS[k], ARGV[v], 'PX', px, 'NX')
+            else
+                redis.call('SET', KEYS[k], ARGV[v], 'PX', px)
+            end
+        elseif not nx then
+            redis.call('DEL', KEYS[k])
+        end
+        k, v = k + 1, v + 1
     end
 end
-if #ARGV == 2 * #KEYS + 3 then
-    return redis.call('PUBLISH', ARGV[2 * #KEYS + 2], ARGV[2 * #KEYS + 3])
+if #ARGV == v + 1 then
+    return redis.call('PUBLISH', ARGV[v], ARGV[v + 1])
 end
 return 0
 """
@@ -264,12 +273,22 @@ class RedisBackend:
             raise RuntimeError("RedisBackend is not open; call open() first")
         if not (items or only_new or announce):
             return 0
-        ordered = [*only_new, *items]
-        args: list[bytes | int | str] = [len(only_new)]
-        for _, value, ttl in ordered:
-            args += (max(1, math.ceil(ttl * 1000)) if ttl > 0 else 0, value)
-        return int(await script(keys=[key for key, _, _ in ordered],
-                                args=[*args, *(announce or ())]))
+        # only_new first, then items; within each, one segment per TTL, in the order
+        # each TTL first appears.
+        segments: list[bytes] = []
+        keys: list[str] = []
+        values: list[bytes] = []
+        for entries, nx in ((only_new, b"1"), (items, b"0")):
+            by_ttl: dict[float, list[tuple[str, bytes, float]]] = {}
+            for entry in entries:
+                by_ttl.setdefault(entry[2], []).append(entry)
+            for ttl, group in by_ttl.items():
+                px = max(1, math.ceil(ttl * 1000)) if ttl > 0 else 0
+                segments += (b"%d" % len(group), b"%d" % px, nx)
+                keys += [key for key, _, _ in group]
+                values += [value for _, value, _ in group]
+        return int(await script(keys=keys, args=[b"%d" % (len(segments) // 3), *segments,
+                                                 *values, *(announce or ())]))
 
     @asynccontextmanager
     async def subscribe(self, channel: str) -> AsyncIterator[RedisSubscription]:
