@@ -91,11 +91,12 @@ class PooledConnection(psycopg.AsyncConnection[DictRow]):
     """A pooled connection that keeps one cursor for the one-row statements it runs.
 
     ``conn.execute`` makes a cursor a statement, and each new cursor builds its own
-    adapters map and dumpers: about 52k instructions of the 320k that psycopg spends on
+    adapters map and dumpers: about 52k instructions of the 325k that psycopg spent on
     a create-claimed insert (callgrind, docs/performance.md). The latency path is such
-    statements (a robot created claimed, its completion), so ``_fetchone`` runs them on
-    this kept cursor instead. It holds one row's result until the connection's next
-    one-row statement; the many-row reads keep cursors of their own.
+    statements (a robot created claimed, its completion), so ``_fetchone`` and
+    ``create_and_claim`` run them on this kept cursor instead. It holds one row's result
+    until the connection's next one-row statement; the many-row reads keep cursors of
+    their own.
     """
 
     _kept: psycopg.AsyncCursor[DictRow] | None = None
