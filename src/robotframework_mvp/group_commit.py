@@ -15,17 +15,37 @@ load the store sees a few large transactions instead of one per robot.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import anyio
 
-__all__ = ["GroupCommitter"]
+__all__ = ["GroupCommitter", "RoundTrips", "SharesRoundTrips"]
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 #: writes items in one transaction; one result per item, in order. An ``Exception`` in
 #: place of a result is raised to that item's caller alone (the others' items were written).
 WriteMany = Callable[[Sequence[Item]], Awaitable["Sequence[Result | Exception]"]]
+
+
+class SharesRoundTrips(Protocol):
+    """What ``/metrics`` reads of anything whose calls share round trips."""
+
+    #: round trips made
+    batches: int
+    #: items they carried (items / round trips: the mean batch)
+    written: int
+
+
+class RoundTrips:
+    """The counts a ``GroupCommitter`` keeps, for writes that share round trips another
+    way (the cache's write behind: a pause, then every pending state in one trip)."""
+
+    __slots__ = ("batches", "written")
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.written = 0
 
 
 class _Batch(Generic[Item, Result]):

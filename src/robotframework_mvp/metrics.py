@@ -156,6 +156,9 @@ class _Collector:
         yield CounterMetricFamily("rfmvp_cache_errors", "Cache errors", value=cache["errors"])
         yield GaugeMetricFamily("rfmvp_cache_hit_ratio", "Cache hits / lookups",
                                 value=cache["hit_ratio"] or 0.0)
+        yield GaugeMetricFamily("rfmvp_cache_robot_states_pending",
+                                "Robot states waiting to be written behind to the shared cache",
+                                value=orch.cache.pending_states)
         limiter = orch.security.limiter
         yield CounterMetricFamily("rfmvp_rate_limit_rejections",
                                   "Requests refused by a rate limit", value=limiter.rejections)

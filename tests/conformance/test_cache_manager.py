@@ -650,6 +650,23 @@ async def test_states_written_behind_go_in_one_round_trip_each_with_its_own_ttl(
         await backend.close()
 
 
+async def test_the_write_behind_counts_its_round_trips_and_the_states_it_holds(
+    two_processes: tuple[CacheManager, CacheManager],
+) -> None:
+    # For /metrics: rfmvp_shared_round_trips{kind="robot_states"} and
+    # rfmvp_cache_robot_states_pending (a backlog says the cache is slow).
+    manager, _ = two_processes
+    robots = [a_robot(lease_token=None) for _ in range(3)]
+    async with writing_behind(manager):
+        await manager.set_robots(robots)
+        await manager.set_robots([attrs.evolve(robots[0], status=RobotStatus.SUCCEEDED)])
+        assert manager.pending_states == 3  # the newest state of each robot
+        await manager.flush()
+        assert manager.pending_states == 0
+    trips = manager.group_commits()["robot_states"]
+    assert (trips.batches, trips.written) == (1, 3)
+
+
 async def test_robots_that_end_are_announced_with_their_write_and_reads_are_not(
     two_processes: tuple[CacheManager, CacheManager],
 ) -> None:

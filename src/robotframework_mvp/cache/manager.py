@@ -19,7 +19,7 @@ import orjson
 from cattrs.preconf.orjson import make_converter
 
 from ..config import CacheConfig
-from ..group_commit import GroupCommitter
+from ..group_commit import GroupCommitter, RoundTrips, SharesRoundTrips
 from ..models import JSONObject, Robot
 from ..resilience import BreakerPolicy, CircuitBreaker
 from .backend import (
@@ -78,6 +78,8 @@ class CacheManager:
         self._pending_wake: anyio.Event | None = None
         #: set when a robot that ended waits to be written (and announced)
         self._ended_pending = anyio.Event()
+        #: robot states written to the shared cache, and the round trips that carried them
+        self.state_trips = RoundTrips()
         #: whether the last announcement reached a subscriber (a process waiting)
         self._ends_heard = False
         self._rate_checks = GroupCommitter(self._check_rates, first_turn=False)
@@ -244,14 +246,17 @@ class CacheManager:
                     by_ttl.setdefault(ttl, []).append((key, value))
                 for ttl, group in by_ttl.items():
                     await self.backend.set_many(group, ttl)
+                    self.state_trips.batches += 1
             else:
                 announce = (self.ended_channel, " ".join(ended).encode()) if ended else None
                 heard_by = await self.publisher.write_many(items, new, announce)
+                self.state_trips.batches += 1
                 if announce is not None:
                     self._ends_heard = heard_by > 0
         except Exception as exc:
             self._failed("robot", exc)
             return
+        self.state_trips.written += len(robots)
         self.breaker.record_success()
 
     async def run_writer(self) -> None:
@@ -317,9 +322,16 @@ class CacheManager:
         self.breaker.record_success()
         return decision
 
-    def group_commits(self) -> dict[str, GroupCommitter[Any, Any]]:
-        """The calls to a shared backend that share round trips, by name, for ``/metrics``."""
-        return {"rate_limit_checks": self._rate_checks, "status_reads": self._robot_reads}
+    def group_commits(self) -> dict[str, SharesRoundTrips]:
+        """The calls to a shared backend that share round trips, by name, for ``/metrics``:
+        rate-limit checks, status reads, and robot states written behind."""
+        return {"rate_limit_checks": self._rate_checks, "status_reads": self._robot_reads,
+                "robot_states": self.state_trips}
+
+    @property
+    def pending_states(self) -> int:
+        """Robot states waiting for the write behind (a backlog says the cache is slow)."""
+        return len(self._pending)
 
     async def _read_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return await get_many(self.backend, keys)
