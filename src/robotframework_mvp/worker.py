@@ -62,7 +62,9 @@ FollowupFactory = Callable[
 @attrs.define(eq=False)
 class _Running:
     claim: Claim
-    scope: anyio.CancelScope
+    #: the robot's scope (its timeout; what stops it), made when it starts: None while it
+    #: waits, claimed ahead, for a slot (most robots under load; nothing runs to stop)
+    scope: anyio.CancelScope | None
     lease_lost: bool = False
     cancelled: bool = False
     #: the module breaker's ticket for this attempt (circuits.py), None when not counted
@@ -75,6 +77,11 @@ class _Running:
     in_slot: bool = True
     #: claimed ahead of a free slot (a quick module's robot): waits here, leased, for one
     waiting: bool = False
+
+    def stop(self) -> None:
+        """Cancel the robot's scope, if it has started."""
+        if self.scope is not None:
+            self.scope.cancel()
 
 
 #: the most characters of a module's error message or progress message that are stored
@@ -209,7 +216,7 @@ class Worker:
             return False
         running.cancelled = True
         if not running.completing:  # its outcome is being written: the store decides
-            running.scope.cancel()
+            running.stop()
         if running.waiting:  # never started: nothing to stop, only to forget
             self._forget_waiting(robot_id)
         return True
@@ -364,8 +371,8 @@ class Worker:
             self._start(self._robots_tg, claim)
             return
         # Renewed by the heartbeat like any held lease; started by the next free slot.
-        self.running[claim.robot.id] = _Running(
-            claim=claim, scope=anyio.CancelScope(shield=True), in_slot=False, waiting=True)
+        self.running[claim.robot.id] = _Running(claim=claim, scope=None, in_slot=False,
+                                                waiting=True)
         self._ahead[name].append(claim)
 
     def _start_ahead(self, name: str) -> None:
@@ -659,7 +666,7 @@ class Worker:
                     log.warning("robot %s: lease lost (cancelled, or taken over after this "
                                 "worker stalled); stopping it and dropping its result", robot_id)
                     running.lease_lost = True
-                    running.scope.cancel()
+                    running.stop()
                     if running.waiting:
                         self._forget_waiting(robot_id)
 
@@ -675,7 +682,7 @@ class Worker:
         for running in self.running.values():
             running.lease_lost = True  # we give it up: nothing more may be written for it
             if not running.completing:  # a write under way finishes (it is shielded)
-                running.scope.cancel()
+                running.stop()
         robots_tg.cancel_scope.cancel()
         if leftovers:
             try:
