@@ -440,26 +440,45 @@ async def test_write_many_keeps_existing_keys_of_only_new_and_replaces_the_other
     assert await redis_backend.get(key("fresh")) == b"first"
 
 
-async def test_write_many_gives_each_key_its_own_expiry_in_one_call(
-    redis_backend: RedisBackend, key: Keys, redis_url: str,
+#: one write_many entry: (its TTL, only where the key does not exist, the key exists already)
+Entry = tuple[float, bool, bool]
+
+
+# Running and ended robots have different TTLs and are flushed together, in one call.
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from([-1.0, 0.0, 5.0, 30.0, 3600.0]), st.booleans(),
+                          st.booleans()), max_size=12))
+def test_write_many_sets_each_key_with_its_own_expiry_in_one_call(
+    redis_url: str, redis_prefix: str, entries: list[Entry],
 ) -> None:
-    # Running and ended robots have different TTLs and are flushed together.
-    await redis_backend.set_many([(key("gone"), b"old"), (key("kept"), b"old")], 60)
-    await redis_backend.write_many(
-        [(key("short"), b"s", 5), (key("long"), b"l", 3600), (key("gone"), b"x", 0)],
-        [(key("fresh"), b"f", 30), (key("kept"), b"y", 0), (key("never"), b"n", 0)])
-    client = redis.asyncio.Redis.from_url(redis_url)
-    try:
-        assert 4_000 < await client.pttl(key("short")) <= 5_000
-        assert 3_599_000 < await client.pttl(key("long")) <= 3_600_000
-        assert 29_000 < await client.pttl(key("fresh")) <= 30_000
-    finally:
-        await client.aclose()
-    # A time of 0 or less: expired on arrival (deleted), except that an only-new key
-    # never touches an existing one.
-    assert await redis_backend.get(key("gone")) is None
-    assert await redis_backend.get(key("kept")) == b"old"
-    assert await redis_backend.get(key("never")) is None
+    async def run() -> None:
+        backend = RedisBackend(redis_url)
+        await backend.open()
+        prefix = f"{redis_prefix}{uuid.uuid4().hex}:"
+        keys = [f"{prefix}{i}" for i in range(len(entries))]
+        try:
+            await backend.set_many([(k, b"old") for k, (_, _, exists) in zip(
+                keys, entries, strict=True) if exists], 60)
+            only_new = [(k, b"new", ttl) for k, (ttl, nx, _) in zip(keys, entries, strict=True)
+                        if nx]
+            items = [(k, b"new", ttl) for k, (ttl, nx, _) in zip(keys, entries, strict=True)
+                     if not nx]
+            assert await backend.write_many(items, only_new) == 0
+            for k, (ttl, nx, exists) in zip(keys, entries, strict=True):
+                if nx and exists:  # only where it does not exist: the old value stays
+                    expected, ms = b"old", 60_000.0
+                elif ttl <= 0:  # expired on arrival: gone (or never set, for only_new)
+                    expected, ms = None, 0.0
+                else:
+                    expected, ms = b"new", ttl * 1000
+                assert await backend.get(k) == expected, (k, ttl, nx, exists)
+                if expected is not None:
+                    assert ms - 2_000 < await backend.client.pttl(k) <= ms
+        finally:
+            await backend.close()
+
+    anyio.run(run)
 
 
 async def test_a_subscriber_hears_an_announcement_after_the_values_it_came_with(
