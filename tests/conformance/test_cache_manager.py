@@ -650,6 +650,67 @@ async def test_states_written_behind_go_in_one_round_trip_each_with_its_own_ttl(
         await backend.close()
 
 
+class PlainSharedBackend:
+    """A shared cache backend with only the CacheBackend methods (no Publisher), as a
+    third-party plugin may be: Redis underneath, counting the set_many calls by TTL."""
+
+    name = "plain"
+
+    def __init__(self, url: str) -> None:
+        self.redis = RedisBackend(url)
+        self.set_many_ttls: list[float] = []
+
+    async def open(self) -> None:
+        await self.redis.open()
+
+    async def close(self) -> None:
+        await self.redis.close()
+
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.redis.get(key)
+
+    async def set(self, key: str, value: bytes, ttl: float) -> None:
+        await self.redis.set(key, value, ttl)
+
+    async def set_many(self, items: Sequence[tuple[str, bytes]], ttl: float) -> None:
+        self.set_many_ttls.append(ttl)
+        await self.redis.set_many(items, ttl)
+
+    async def delete(self, *keys: str) -> None:
+        await self.redis.delete(*keys)
+
+    async def rate_limit(self, key: str, count: int, period: float, cost: int = 1
+                         ) -> RateDecision:
+        return await self.redis.rate_limit(key, count, period, cost)
+
+
+async def test_a_shared_backend_without_publisher_gets_one_set_many_per_ttl(
+    redis_url: str, redis_prefix: str,
+) -> None:
+    backend = PlainSharedBackend(redis_url)
+    await backend.open()
+    try:
+        manager = CacheManager(backend, CacheConfig(key_prefix=redis_prefix))
+        assert manager.publisher is None
+        running = a_robot(lease_token=None)
+        finished = a_robot(lease_token=None, status=RobotStatus.SUCCEEDED)
+        async with writing_behind(manager):
+            await manager.set_robots([running, finished, a_robot(lease_token=None)])
+            await manager.flush()
+        config = manager.config
+        assert sorted(backend.set_many_ttls) == sorted(
+            [config.ttl_robot_status, config.ttl_robot_finished])
+        assert await manager.get_robot(running.id) == running
+        assert await manager.get_robot(finished.id) == finished
+        trips = manager.group_commits()["robot_states"]
+        assert (trips.batches, trips.written) == (2, 3)
+    finally:
+        await backend.close()
+
+
 async def test_the_write_behind_counts_its_round_trips_and_the_states_it_holds(
     two_processes: tuple[CacheManager, CacheManager],
 ) -> None:
