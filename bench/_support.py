@@ -97,6 +97,24 @@ def loadavg() -> float:
     return os.getloadavg()[0]
 
 
+def machine_cpu_ticks() -> tuple[int, int]:
+    """(steal, total) CPU ticks of the whole machine since boot, from /proc/stat; (0, 0)
+    where there is none. Steal is time the hypervisor gave this VM's CPUs to others."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    # user nice system idle iowait irq softirq steal (guest times are inside user/nice)
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """The share of the machine's CPU time stolen between two ``machine_cpu_ticks()``."""
+    total = after[1] - before[1]
+    return None if total <= 0 else round(100 * (after[0] - before[0]) / total, 1)
+
+
 def noop_module(capacity: int, *, progress: bool = False) -> Any:
     """``@module("noop", kinds=["noop"], capacity=C)``: does nothing (optionally reports 50%)."""
 

@@ -34,7 +34,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 
@@ -46,7 +46,9 @@ from robotframework_mvp import Orchestrator, Robot, RobotStatus, SubmitRequest, 
 
 
 @contextlib.contextmanager
-def profiled(folder: str | None, phase: str, async_mode: str = "disabled") -> Iterator[None]:
+def profiled(folder: str | None, phase: str,
+             async_mode: Literal["enabled", "disabled", "strict"] = "disabled"
+             ) -> Iterator[None]:
     """``--profile DIR``: pyinstrument over one phase, written as text and HTML."""
     if folder is None:
         yield
@@ -100,6 +102,7 @@ async def bench(args: argparse.Namespace, store: bs.ScratchStore) -> dict[str, A
     quiet = args.json_only
     noop = bs.noop_module(args.concurrency, progress=args.progress)
     ids: list[str] = []
+    ticks_before = bs.machine_cpu_ticks()
 
     # (a) bulk submission on an API-only orchestrator
     api_settings = bs.bench_settings(store, worker=False, concurrency=args.concurrency,
@@ -211,6 +214,7 @@ async def bench(args: argparse.Namespace, store: bs.ScratchStore) -> dict[str, A
             "latency": round(1e6 * latency_cpu / max(args.latency_samples, 1)),
         },
         "loadavg_1m_before": load_before,
+        "machine_steal_pct": bs.steal_pct(ticks_before, bs.machine_cpu_ticks()),
         "startup_ms": round(startup_s * 1000, 1),
         "audit_flush_on_close_ms": round(closed_at * 1000, 1),
         "steps": {

@@ -34,6 +34,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _support as bs
+
 ROOT = Path(__file__).resolve().parents[1]
 PG = ["--storage", "postgresql://postgres@127.0.0.1:5432/test",
       "--cache", "redis://127.0.0.1:6379/0"]
@@ -69,13 +73,16 @@ def last_json(text: str) -> dict[str, Any] | None:
 
 
 def run(cmd: list[str], cwd: Path, label: str) -> dict[str, Any] | None:
+    ticks = bs.machine_cpu_ticks()
     done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    steal = bs.steal_pct(ticks, bs.machine_cpu_ticks())
     result = last_json(done.stdout)
     if result is None:
         print(f"{label}: no result (exit {done.returncode}): {done.stderr.strip()[-400:]}",
               file=sys.stderr)
         return None
     result["label"] = label
+    result.setdefault("machine_steal_pct", steal)  # the anchors and http_load: measured here
     print(json.dumps(result), file=sys.stderr, flush=True)
     return result
 
@@ -231,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                 http.append(result)
     print(json.dumps({"started": started, "ended": time.strftime("%H:%M:%S", time.gmtime()),
                       "pgqueuer": [{k: a.get(k) for k in ("label", "process_per_s",
-                                                           "lat_p50_ms", "lat_p99_ms")}
+                                                           "lat_p50_ms", "lat_p99_ms",
+                                                           "machine_steal_pct")}
                                    for a in anchors],
                       "rate_limited": None if limited is None else {
                           k: limited.get(k) for k in ("process_per_s", "lat_p50_ms",
